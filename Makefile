@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:  `make demo` (set up + run the demo)  and  `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+DEMO_OUT ?= demo_out
+
+.PHONY: demo test test-fast lint-nf bench lock clean
+.DEFAULT_GOAL := demo
+
+$(BIN)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# the lock pins every dependency; torch==2.13.0 resolves to the CPU wheel on machines that have it
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip install --quiet "pytest>=8" "pytest-timeout>=2.3"
+	touch $@
+
+demo: $(BIN)/.installed  ## set up, then run QC -> align -> pretrain -> fine-tune -> embed -> annotate -> report
+	$(BIN)/scfm demo -o $(DEMO_OUT)
+
+test: $(BIN)/.installed  ## the whole test suite (what CI runs)
+	PATH="$(CURDIR)/$(BIN):$(CURDIR)/bin:$$PATH" $(BIN)/pytest
+
+test-fast: $(BIN)/.installed
+	PATH="$(CURDIR)/$(BIN):$(CURDIR)/bin:$$PATH" $(BIN)/pytest -m "not slow"
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/qc_align.py
+	$(BIN)/python bench/embed.py
+	$(BIN)/python bench/train.py
+
+lock: $(BIN)/.installed  ## rewrite requirements.lock from the current environment
+	{ head -2 requirements.lock; $(BIN)/pip freeze --exclude-editable | sed 's/+cpu$$//' | grep -v '^pytest'; } > requirements.lock.tmp
+	mv requirements.lock.tmp requirements.lock
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

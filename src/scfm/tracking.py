@@ -1,0 +1,235 @@
+"""The only module that talks to MLflow.
+
+Every step opens one run with :func:`step_run`. Runs nest under a pipeline's parent run when
+``SCFM_MLFLOW_PARENT_RUN_ID`` is set (Nextflow sets it). The default store is an SQLite file in the
+step's output directory; ``--mlflow-uri`` or ``MLFLOW_TRACKING_URI`` point elsewhere (a server).
+
+Concurrency: many pipeline tasks log into one store at once. Creating an SQLite store runs schema
+migrations, which race when several processes open a fresh file together, so creation happens under
+an exclusive file lock; afterwards every write is retried on transient "database is locked" errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, TypeVar
+
+from scfm.errors import ScfmError
+
+PARENT_ENV = "SCFM_MLFLOW_PARENT_RUN_ID"
+DEFAULT_EXPERIMENT = "scfm"
+_MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
+_T = TypeVar("_T")
+
+
+def resolve_uri(mlflow_uri: str | None, output_dir: str | os.PathLike | None) -> str:
+    """Explicit flag, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<output_dir>/mlflow.db``."""
+    if mlflow_uri:
+        return mlflow_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    base = Path(output_dir if output_dir is not None else ".").resolve()
+    return f"sqlite:///{base / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):])
+
+
+def _retry(fn: Callable[[], _T], attempts: int = 12) -> _T:
+    """Run an MLflow call, retrying transient lock/connection errors with jittered backoff."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # MLflow wraps SQLAlchemy/HTTP errors in several types
+            text = str(exc).lower()
+            transient = any(s in text for s in ("locked", "busy", "connection", "timed out", "temporarily"))
+            if not transient or attempt == attempts - 1:
+                raise
+            time.sleep(min(5.0, 0.05 * 2**attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_store(uri: str, experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """Create the store (for SQLite, under a lock) and the experiment; return the experiment id."""
+    db = sqlite_path(uri)
+    if db is None:
+        return _retry(lambda: _get_or_create_experiment(_client(uri), experiment, None))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = db.with_name(db.name + ".lock")
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            artifacts = (db.parent / "mlartifacts").resolve().as_uri()
+            return _retry(lambda: _get_or_create_experiment(_client(uri), experiment, artifacts))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _get_or_create_experiment(client, name: str, artifact_location: str | None) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:
+        # another process created it between our lookup and create (server stores have no file lock)
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": "1"}``; values cut to MLflow's length limit."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+            flat[name] = text[:_MAX_PARAM_CHARS]
+    return flat
+
+
+class StepRun:
+    """One MLflow run; every write is retried and goes through the client (no global MLflow state)."""
+
+    def __init__(self, client, run_id: str, uri: str):
+        self.client = client
+        self.run_id = run_id
+        self.uri = uri
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in flatten_params(params).items()]
+        for start in range(0, len(items), 100):  # MLflow caps one batch at 100 params
+            batch = items[start : start + 100]
+            _retry(lambda: self.client.log_batch(self.run_id, params=batch))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if v is not None and math.isfinite(float(v))
+        ]
+        if items:
+            _retry(lambda: self.client.log_batch(self.run_id, metrics=items))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        if items:
+            _retry(lambda: self.client.log_batch(self.run_id, tags=items))
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            _retry(lambda: self.client.log_artifacts(self.run_id, path, artifact_path))
+        else:
+            _retry(lambda: self.client.log_artifact(self.run_id, path, artifact_path))
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / name
+            target.write_text(json.dumps(obj, indent=2, default=str))
+            self.log_artifact(target)
+
+
+class _DisabledRun:
+    """Stands in on non-zero ranks, which must not log: same methods, nothing written."""
+
+    run_id = None
+    uri = None
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def step_run(
+    step: str,
+    *,
+    uri: str,
+    experiment: str = DEFAULT_EXPERIMENT,
+    run_name: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    enabled: bool = True,
+) -> Iterator[StepRun | _DisabledRun]:
+    """Open one MLflow run for a step; FINISHED on success, FAILED on any exception."""
+    if not enabled:
+        yield _DisabledRun()
+        return
+    from scfm import __version__
+
+    try:
+        experiment_id = ensure_store(uri, experiment)
+    except Exception as exc:
+        raise ScfmError(f"cannot open the MLflow store: {exc}", uri) from exc
+    client = _client(uri)
+    all_tags = {"scfm.step": step, "scfm.version": __version__}
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        parent_run = _retry(lambda: client.get_run(parent))
+        experiment_id = parent_run.info.experiment_id
+        all_tags["mlflow.parentRunId"] = parent
+    all_tags.update(tags or {})
+    run = _retry(
+        lambda: client.create_run(
+            experiment_id, run_name=run_name or step, tags={k: str(v) for k, v in all_tags.items()}
+        )
+    )
+    handle = StepRun(client, run.info.run_id, uri)
+    try:
+        if params:
+            handle.log_params(params)
+        yield handle
+    except BaseException:
+        _retry(lambda: client.set_terminated(handle.run_id, "FAILED"))
+        raise
+    _retry(lambda: client.set_terminated(handle.run_id, "FINISHED"))
+
+
+def ensure_parent_run(uri: str, run_name: str, session_id: str, experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """Return the pipeline's parent run for ``session_id``, creating it once.
+
+    Keyed on the Nextflow session id, which ``-resume`` keeps: a resumed pipeline logs into the
+    run it started with instead of opening a duplicate.
+    """
+    experiment_id = ensure_store(uri, experiment)
+    client = _client(uri)
+    query = f"tags.`scfm.session_id` = '{session_id}' and tags.`scfm.step` = 'pipeline'"
+    existing = _retry(lambda: client.search_runs([experiment_id], filter_string=query, max_results=1))
+    if existing:
+        return existing[0].info.run_id
+    run = _retry(
+        lambda: client.create_run(
+            experiment_id,
+            run_name=run_name,
+            tags={"scfm.step": "pipeline", "scfm.session_id": session_id, "scfm.run_name": run_name},
+        )
+    )
+    return run.info.run_id
