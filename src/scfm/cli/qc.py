@@ -1,0 +1,3 @@
+"""Commands of this area; see scfm.cli."""
+
+COMMANDS: list = []

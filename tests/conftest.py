@@ -1,0 +1,44 @@
+"""Fixtures shared by every test area."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = REPO / "bin"
+
+os.environ.setdefault("SCFM_PROGRESS", "0")
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests choose their own stores
+os.environ.pop("SCFM_MLFLOW_PARENT_RUN_ID", None)
+
+
+@pytest.fixture(scope="session")
+def pbmc_counts():
+    """700 real PBMCs with integer counts and labels (see scfm.data.demo_data). Copy before mutating."""
+    from scfm.data.demo_data import pbmc68k_counts
+
+    return pbmc68k_counts()
+
+
+def run_bin(step: str, *args, check: bool = True, env: dict | None = None, cwd=None):
+    """Run ``bin/scfm-<step>`` as a subprocess with this interpreter, as the pipeline would."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, str(BIN / f"scfm-{step}"), *map(str, args)],
+        capture_output=True, text=True, env=full_env, cwd=cwd,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"scfm-{step} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def scfm_bin():
+    """``scfm_bin("qc", "in.h5ad", "-o", "out.h5ad", check=False)`` → CompletedProcess."""
+    return run_bin
