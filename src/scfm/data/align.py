@@ -1,0 +1,439 @@
+"""Gene alignment: put any count matrix into vocabulary order.
+
+Each input gene (column) is mapped to at most one vocabulary token, trying these rules in order and
+stopping at the first that matches:
+
+1. ``ensembl``   — same Ensembl gene id, version suffixes stripped (``ENSG00000141510.12`` →
+   ``ENSG00000141510``), when the input gene and the vocabulary both carry ids;
+2. ``symbol``    — the same gene symbol, exactly;
+3. ``symbol_ci`` — the same symbol ignoring case (only when that spelling is unique in the vocabulary);
+4. ``alias``     — an alias table (TSV with columns ``alias`` and ``gene_name``) maps the input symbol
+   to a vocabulary gene.
+
+Symbols (rules 2–3) never pair an input gene with a vocabulary gene when both carry Ensembl ids: had
+they been the same gene, rule 1 would have matched them. Several input genes mapped to one token are
+summed; input genes without a token are dropped; vocabulary genes missing from the input are zero.
+
+The mapping is computed once per gene list (:class:`GeneAligner`) and applied to any number of
+row chunks, so large files stream through in bounded memory.
+
+**Coverage** (what ``--min-coverage`` tests) is the fraction of the input's total counts that land
+in vocabulary genes: a vocabulary that misses a few lowly expressed genes barely matters, one that
+misses the highly expressed ones does. The coverage report also gives the vocabulary genes present,
+input genes matched, matches per rule and the unmatched genes that carry the most counts.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from scfm.data.vocab import Vocabulary
+from scfm.errors import ScfmError
+
+RULES = ("ensembl", "symbol", "symbol_ci", "alias")
+DEFAULT_MIN_COVERAGE = 0.3
+# var columns that carry the other identifier, in order of preference (10x, scanpy, CELLxGENE, ours)
+SYMBOL_COLUMNS = ("gene_symbols", "gene_name", "gene_symbol", "feature_name", "symbol")
+ENSEMBL_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl", "feature_id")
+_ENSEMBL_GENE = re.compile(r"^ENS[A-Z]*G\d{6,}")
+_N_EXAMPLES = 10
+
+
+def strip_version(ensembl_id: str) -> str:
+    """``ENSG00000141510.12`` → ``ENSG00000141510``; anything that is not an Ensembl gene id → ``""``."""
+    match = _ENSEMBL_GENE.match(ensembl_id.strip())
+    return match.group(0) if match else ""
+
+
+def _looks_like_ensembl(names: np.ndarray) -> bool:
+    if len(names) == 0:
+        return False
+    hits = sum(bool(_ENSEMBL_GENE.match(str(n))) for n in names)
+    return hits >= 0.5 * len(names)
+
+
+def gene_identifiers(var_df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None]:
+    """(symbols, Ensembl ids or None) for the rows of an AnnData ``var`` table.
+
+    ``var_names`` are taken as Ensembl ids when most of them look like one (then the symbol comes
+    from a column such as ``gene_symbols``), else as symbols (then an id may come from ``gene_ids``).
+    Missing ids are ``""``.
+    """
+    names = np.asarray(var_df.index.astype(str))
+    columns = {str(c): c for c in var_df.columns}
+    if _looks_like_ensembl(names):
+        ensembl = names
+        symbol_col = next((columns[c] for c in SYMBOL_COLUMNS if c in columns), None)
+        symbols = names if symbol_col is None else np.asarray(var_df[symbol_col].astype(str))
+    else:
+        symbols = names
+        ensembl_col = next((columns[c] for c in ENSEMBL_COLUMNS if c in columns), None)
+        ensembl = None if ensembl_col is None else np.asarray(var_df[ensembl_col].astype(str))
+    if ensembl is not None:
+        ensembl = np.array([strip_version(e) for e in ensembl], dtype=object)
+        if not any(ensembl):
+            ensembl = None
+    return np.asarray(symbols, dtype=object), ensembl
+
+
+def load_aliases(path: str | os.PathLike) -> dict[str, str]:
+    """Alias TSV (header ``alias``, ``gene_name``) → {alias: vocabulary gene name}."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScfmError("alias file not found", path)
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = [r for r in csv.reader(handle, delimiter="\t") if any(c.strip() for c in r)]
+    if not rows:
+        raise ScfmError("empty alias file (expected columns alias and gene_name)", path)
+    header = [c.strip() for c in rows[0]]
+    missing = [c for c in ("alias", "gene_name") if c not in header]
+    if missing:
+        raise ScfmError(f"missing column(s) {', '.join(missing)} in the alias file header", path)
+    a, g = header.index("alias"), header.index("gene_name")
+    aliases = {}
+    for line_no, row in enumerate(rows[1:], start=2):
+        if len(row) <= max(a, g):
+            raise ScfmError(f"line {line_no} has {len(row)} fields, fewer than the header", path)
+        aliases[row[a].strip()] = row[g].strip()
+    return aliases
+
+
+@dataclass
+class GeneMapping:
+    """Where each input column goes: ``token[i]`` (−1 = dropped) and the rule that matched it."""
+
+    token: np.ndarray  # int64 [n_input]
+    rule: np.ndarray  # object [n_input], "" when unmatched
+    symbols: np.ndarray  # object [n_input]
+    n_vocab: int
+
+    @property
+    def matched(self) -> np.ndarray:
+        return self.token >= 0
+
+    def projection(self) -> sp.csr_matrix:
+        """[n_input, n_vocab] 0/1 matrix: ``counts @ P`` reorders columns and sums duplicates."""
+        rows = np.flatnonzero(self.matched)
+        ones = np.ones(len(rows), dtype=np.float32)
+        return sp.csr_matrix((ones, (rows, self.token[rows])), shape=(len(self.token), self.n_vocab))
+
+
+def map_genes(var_df: pd.DataFrame, vocab: Vocabulary, aliases: Mapping[str, str] | None = None) -> GeneMapping:
+    symbols, ensembl = gene_identifiers(var_df)
+    n = len(symbols)
+    token = np.full(n, -1, dtype=np.int64)
+    rule = np.full(n, "", dtype=object)
+
+    vocab_ens = None
+    if vocab.ensembl_ids is not None:
+        vocab_ens = [strip_version(e) for e in vocab.ensembl_ids]
+        if not any(vocab_ens):
+            vocab_ens = None
+    by_ensembl = {e: t for t, e in enumerate(vocab_ens or []) if e}
+    folded: dict[str, int] = {}
+    for t, gene in enumerate(vocab.genes):
+        folded[gene.upper()] = -2 if gene.upper() in folded else t  # -2: ambiguous spelling
+    aliases_folded = {k.upper(): v for k, v in (aliases or {}).items()}
+
+    def symbol_allowed(i: int, t: int) -> bool:
+        both_have_ids = ensembl is not None and ensembl[i] and vocab_ens is not None and vocab_ens[t]
+        return not both_have_ids
+
+    for i in range(n):
+        symbol = str(symbols[i])
+        if ensembl is not None and ensembl[i] in by_ensembl:
+            token[i], rule[i] = by_ensembl[ensembl[i]], "ensembl"
+            continue
+        t = vocab._index.get(symbol, -1)
+        if t >= 0 and symbol_allowed(i, t):
+            token[i], rule[i] = t, "symbol"
+            continue
+        t = folded.get(symbol.upper(), -1)
+        if t >= 0 and symbol_allowed(i, t):
+            token[i], rule[i] = t, "symbol_ci"
+            continue
+        target = (aliases or {}).get(symbol, aliases_folded.get(symbol.upper()))
+        if target is not None and target in vocab:
+            token[i], rule[i] = vocab.index_of(target), "alias"
+    return GeneMapping(token=token, rule=rule, symbols=symbols, n_vocab=len(vocab))
+
+
+class GeneAligner:
+    """Apply one gene mapping to row chunks and keep the counts needed for the coverage report."""
+
+    def __init__(self, var_df: pd.DataFrame, vocab: Vocabulary, aliases: Mapping[str, str] | None = None):
+        self.vocab = vocab
+        self.mapping = map_genes(var_df, vocab, aliases)
+        self._projection = self.mapping.projection()
+        self.counts_per_input_gene = np.zeros(len(self.mapping.token), dtype=np.float64)
+        self.n_cells = 0
+
+    def apply(self, counts: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
+        """[cells, n_input] counts → [cells, n_vocab] CSR float32, column indices sorted."""
+        csr = sp.csr_matrix(counts, dtype=np.float32)
+        if csr.shape[1] != len(self.mapping.token):
+            raise ValueError(f"chunk has {csr.shape[1]} genes, the mapping {len(self.mapping.token)}")
+        self.counts_per_input_gene += np.bincount(
+            csr.indices, weights=csr.data.astype(np.float64), minlength=csr.shape[1]
+        )
+        self.n_cells += csr.shape[0]
+        aligned = (csr @ self._projection).tocsr().astype(np.float32)
+        aligned.sum_duplicates()  # also sorts the indices
+        aligned.eliminate_zeros()
+        return aligned
+
+    def coverage(self) -> dict:
+        m = self.mapping
+        matched = m.matched
+        total = float(self.counts_per_input_gene.sum())
+        kept = float(self.counts_per_input_gene[matched].sum())
+        present = int(len(np.unique(m.token[matched])))
+        unmatched = np.flatnonzero(~matched)
+        top = unmatched[np.argsort(-self.counts_per_input_gene[unmatched], kind="stable")][:_N_EXAMPLES]
+        return {
+            "definition": "fraction_counts_kept = counts in genes matched to the vocabulary / all input counts",
+            "fraction_counts_kept": kept / total if total > 0 else 0.0,
+            "n_cells": self.n_cells,
+            "total_counts": total,
+            "counts_kept": kept,
+            "n_vocab_genes": m.n_vocab,
+            "vocab_genes_present": present,
+            "fraction_vocab_genes_present": present / m.n_vocab,
+            "n_input_genes": len(m.token),
+            "input_genes_matched": int(matched.sum()),
+            "fraction_input_genes_matched": float(matched.mean()) if len(m.token) else 0.0,
+            "input_genes_summed_into_shared_token": int(matched.sum()) - present,
+            "matched_by_rule": {r: int((m.rule == r).sum()) for r in RULES},
+            "unmatched_examples": [str(m.symbols[i]) for i in top],
+        }
+
+    def check(self, min_coverage: float, path: str | os.PathLike | None = None) -> dict:
+        """The coverage report, or ScfmError when nothing or too little matched."""
+        report = self.coverage()
+        examples = ", ".join(report["unmatched_examples"][:5])
+        vocab_examples = ", ".join(self.vocab.genes[:3])
+        if report["input_genes_matched"] == 0:
+            raise ScfmError(
+                f"no gene overlaps the vocabulary ({report['n_input_genes']} input genes, e.g. {examples}; "
+                f"vocabulary genes e.g. {vocab_examples}). Wrong species, or Ensembl ids vs symbols? "
+                "Pass --aliases or use a vocabulary built from this kind of data.",
+                path,
+            )
+        if report["total_counts"] > 0 and report["fraction_counts_kept"] < min_coverage:
+            raise ScfmError(
+                f"coverage {report['fraction_counts_kept']:.3f} is below --min-coverage {min_coverage} "
+                f"(only that fraction of the counts falls in vocabulary genes; "
+                f"{report['input_genes_matched']}/{report['n_input_genes']} input genes matched; "
+                f"unmatched genes with most counts: {examples}). Wrong species, or Ensembl ids vs symbols?",
+                path,
+            )
+        return report
+
+
+def align_matrix(
+    csr: sp.spmatrix | np.ndarray,
+    var_df: pd.DataFrame,
+    vocab: Vocabulary,
+    aliases: Mapping[str, str] | None = None,
+) -> tuple[sp.csr_matrix, dict]:
+    """[cells, n_input] counts with gene table ``var_df`` → ([cells, len(vocab)] CSR float32, coverage)."""
+    aligner = GeneAligner(var_df, vocab, aliases)
+    aligned = aligner.apply(csr)
+    return aligned, aligner.coverage()
+
+
+def vocab_var(vocab: Vocabulary) -> pd.DataFrame:
+    var = pd.DataFrame(index=pd.Index(vocab.genes, name=None))
+    if vocab.ensembl_ids is not None:
+        var["ensembl_id"] = vocab.ensembl_ids
+    return var
+
+
+def scfm_uns(vocab: Vocabulary, counts_source: str, coverage: dict, previous: Mapping | None = None) -> dict:
+    """``uns['scfm']`` of an aligned file; earlier steps' entries (e.g. ``qc``) are kept."""
+    from scfm import __version__
+
+    uns = dict(previous or {})
+    uns.update(
+        vocab_sha256=vocab.sha256, counts_source=counts_source, scfm_version=__version__, coverage=coverage
+    )
+    return uns
+
+
+def align_adata(
+    adata: ad.AnnData,
+    vocab: Vocabulary,
+    *,
+    aliases: Mapping[str, str] | None = None,
+    counts_source: str = "X",
+    min_coverage: float | None = None,
+) -> tuple[ad.AnnData, dict]:
+    """In-memory alignment of ``adata.X`` (raw counts) → (aligned AnnData, coverage).
+
+    The result has ``X`` CSR float32 in vocabulary order, ``var_names`` = vocabulary genes, the same
+    ``obs`` and ``uns['scfm']`` = {vocab_sha256, counts_source, scfm_version, coverage}. With
+    ``min_coverage`` set, too little overlap raises ScfmError.
+    """
+    aligner = GeneAligner(adata.var, vocab, aliases)
+    X = aligner.apply(adata.X)
+    coverage = aligner.check(min_coverage if min_coverage is not None else 0.0)
+    aligned = ad.AnnData(X=X, obs=adata.obs.copy(), var=vocab_var(vocab))
+    aligned.uns["scfm"] = scfm_uns(vocab, counts_source, coverage, adata.uns.get("scfm"))
+    return aligned, coverage
+
+
+# ---------------------------------------------------------------------------------- streaming input
+def _check_counts(csr: sp.csr_matrix, path, source: str, first_row: int) -> None:
+    data = csr.data
+    if data.size == 0:
+        return
+    if not np.all(np.isfinite(data)):
+        raise ScfmError(f"{source} holds NaN or infinite values (rows from {first_row})", path)
+    if data.min() < 0:
+        raise ScfmError(f"{source} holds negative values (rows from {first_row}); raw counts are required", path)
+    if not np.all(data == np.round(data)):
+        raise ScfmError(
+            f"{source} holds non-integer values (rows from {first_row}): alignment needs raw counts; "
+            "pick the count matrix with --layer (a layer name, or 'raw' for .raw)",
+            path,
+        )
+
+
+def _h5ad_source(handle, layer: str | None, path):
+    """(matrix element, var group, 'X' | 'layers/<name>' | 'raw') of an open h5ad."""
+    if layer is None or layer == "X":
+        return handle["X"], handle["var"], "X"
+    if "layers" in handle and layer in handle["layers"]:
+        return handle["layers"][layer], handle["var"], f"layers/{layer}"
+    if layer == "raw" and "raw" in handle:
+        return handle["raw"]["X"], handle["raw"]["var"], "raw"
+    available = list(handle["layers"].keys()) if "layers" in handle else []
+    if "raw" in handle:
+        available.append("raw")
+    raise ScfmError(f"no layer {layer!r} (available: {', '.join(available) or 'none'})", path)
+
+
+@dataclass
+class ChunkedInput:
+    """An input opened for streaming: its gene table, obs, counts source and a row-chunk iterator."""
+
+    path: Path
+    var: pd.DataFrame
+    obs: pd.DataFrame
+    counts_source: str
+    uns_scfm: dict
+    chunks: Iterator[tuple[pd.DataFrame, sp.csr_matrix, pd.DataFrame]]
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.obs)
+
+
+def open_chunked(
+    path: str | os.PathLike, *, chunk_size: int = 10_000, layer: str | None = None, check_counts: bool = True
+) -> ChunkedInput:
+    """Open an input for row-chunked reading.
+
+    ``.h5ad`` files are read straight from HDF5, ``chunk_size`` rows at a time (only ``obs`` is held in
+    memory). Other formats go through :func:`scfm.data.io.read_input` and are then cut into chunks.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ScfmError("input file not found", path)
+    if path.suffix == ".h5ad":
+        return _open_h5ad(path, chunk_size, layer, check_counts)
+    return _open_other(path, chunk_size, layer, check_counts)
+
+
+def _open_h5ad(path: Path, chunk_size: int, layer, check_counts: bool) -> ChunkedInput:
+    import h5py
+    from anndata.io import read_elem, sparse_dataset
+
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise ScfmError(f"not a readable .h5ad (HDF5) file: {str(exc).splitlines()[0]}", path) from exc
+    try:
+        matrix, var_group, source = _h5ad_source(handle, layer, path)
+        var = read_elem(var_group)
+        obs = read_elem(handle["obs"])
+        uns_scfm = read_elem(handle["uns"]["scfm"]) if "uns" in handle and "scfm" in handle["uns"] else {}
+    except ScfmError:
+        handle.close()
+        raise
+    except Exception as exc:
+        handle.close()
+        raise ScfmError(f"cannot read the .h5ad structure ({exc.__class__.__name__}: {exc})", path) from exc
+    sparse = isinstance(matrix, h5py.Group)
+    n_rows = (matrix.attrs["shape"][0] if sparse else matrix.shape[0])
+    if n_rows != len(obs):
+        handle.close()
+        raise ScfmError(f"{source} has {n_rows} rows but obs has {len(obs)}", path)
+    if len(obs) == 0 or len(var) == 0:
+        handle.close()
+        raise ScfmError(f"no {'cells' if len(obs) == 0 else 'genes'} in {source}", path)
+    if sparse:
+        encoding = matrix.attrs.get("encoding-type", "")
+        if encoding == "csc_matrix":
+            handle.close()
+            raise ScfmError(f"{source} is stored as CSC; rewrite it as CSR to stream it by cells", path)
+        dataset = sparse_dataset(matrix)
+
+    def chunks():
+        try:
+            for start in range(0, len(obs), chunk_size):
+                stop = min(start + chunk_size, len(obs))
+                block = dataset[start:stop] if sparse else matrix[start:stop]
+                csr = sp.csr_matrix(block, dtype=np.float32)
+                if check_counts:
+                    _check_counts(csr, path, source, start)
+                yield obs.iloc[start:stop], csr, var
+        finally:
+            handle.close()
+
+    return ChunkedInput(path, var, obs, source, dict(uns_scfm), chunks())
+
+
+def _open_other(path: Path, chunk_size: int, layer, check_counts: bool) -> ChunkedInput:
+    try:
+        from scfm.data.io import read_input
+    except ImportError as exc:  # the readers module is part of the package; this is a broken install
+        raise ScfmError("only .h5ad inputs can be read (scfm.data.io is missing)", path) from exc
+    result = read_input(path, layer=layer)
+    adata = result.adata
+    csr = sp.csr_matrix(adata.X, dtype=np.float32)
+    source = str(result.counts_source)
+
+    def chunks():
+        for start in range(0, adata.n_obs, chunk_size):
+            block = csr[start : start + chunk_size]
+            if check_counts:
+                _check_counts(block, path, source, start)
+            yield adata.obs.iloc[start : start + chunk_size], block, adata.var
+
+    uns = adata.uns.get("scfm", {})
+    return ChunkedInput(path, adata.var, adata.obs, source, dict(uns), chunks())
+
+
+def iter_count_chunks(
+    path: str | os.PathLike, *, chunk_size: int = 10_000, layer: str | None = None, quiet: bool = True
+) -> Iterator[tuple[pd.DataFrame, sp.csr_matrix, pd.DataFrame]]:
+    """Yield ``(obs_df, csr_counts_chunk, var_df)`` over an input, with a progress bar."""
+    from scfm.utils import progress
+
+    source = open_chunked(path, chunk_size=chunk_size, layer=layer)
+    bar = progress(total=source.n_cells, desc=f"reading {Path(path).name}", unit="cells", quiet=quiet)
+    with bar:
+        for obs, csr, var in source.chunks:
+            bar.update(csr.shape[0])
+            yield obs, csr, var
