@@ -1,0 +1,85 @@
+"""Samplesheet parsing and validation against the packaged JSON schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from scfm.data import io
+from scfm.errors import ScfmError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.h5ad").write_bytes(b"x")
+    (tmp_path / "data" / "b_mtx").mkdir()
+    return tmp_path
+
+
+def _sheet(directory: Path, text: str) -> Path:
+    path = directory / "samplesheet.csv"
+    path.write_text(text)
+    return path
+
+
+def test_relative_paths_resolve_against_the_sheet_and_batch_defaults_to_sample(inputs, monkeypatch):
+    monkeypatch.chdir("/")  # the working directory must not matter
+    sheet = io.read_samplesheet(_sheet(inputs, "sample,path,batch\nA,data/a.h5ad,run1\nB,data/b_mtx,\n"))
+    assert list(sheet.columns) == ["sample", "path", "batch"]
+    assert list(sheet["sample"]) == ["A", "B"]
+    assert sheet["path"].tolist() == [str(inputs / "data" / "a.h5ad"), str(inputs / "data" / "b_mtx")]
+    assert list(sheet["batch"]) == ["run1", "B"]
+
+
+def test_condition_column_is_kept_and_absolute_paths_pass(inputs):
+    target = inputs / "data" / "a.h5ad"
+    sheet = io.read_samplesheet(_sheet(inputs, f"sample,path,condition\nA,{target},treated\n"))
+    assert sheet.loc[0, "condition"] == "treated"
+    assert sheet.loc[0, "path"] == str(target)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("sample,file\nA,data/a.h5ad\n", "missing column(s) path"),
+        ("path\ndata/a.h5ad\n", "missing column(s) sample"),
+        ("sample,path\nA,data/a.h5ad\nA,data/b_mtx\n", "duplicate sample id 'A'"),
+        ("sample,path\nA,data/a.h5ad\nB,data/nothere.h5ad\n", "row 2 (sample 'B'): path does not exist"),
+        ("sample,path\nmy sample,data/a.h5ad\n", "column 'sample': sample id must be given"),
+        ("sample,path\n,data/a.h5ad\n", "column 'sample'"),
+        ("sample,path\n", "no rows"),
+    ],
+    ids=["no-path", "no-sample", "duplicate", "path-missing", "space-in-id", "blank-id", "no-rows"],
+)
+def test_invalid_samplesheets_raise_naming_the_sheet(inputs, text, message):
+    path = _sheet(inputs, text)
+    with pytest.raises(ScfmError) as info:
+        io.read_samplesheet(path)
+    assert message in info.value.message
+    assert info.value.path == str(path)
+
+
+def test_missing_and_empty_samplesheet(tmp_path):
+    with pytest.raises(ScfmError, match="samplesheet not found"):
+        io.read_samplesheet(tmp_path / "none.csv")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ScfmError, match="empty.csv: samplesheet is empty"):
+        io.read_samplesheet(tmp_path / "empty.csv")
+
+
+def test_nextflow_schema_link_resolves_to_the_packaged_schema():
+    link = REPO / "assets" / "schema_input.json"
+    assert link.is_symlink() and not Path(link.readlink()).is_absolute()  # travels with clones
+    assert link.resolve() == io.schema_path().resolve()
+    schema = json.loads(link.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    sample = schema["items"]["properties"]["sample"]
+    assert schema["type"] == "array" and sample["meta"] == ["id"]
+    assert schema["items"]["properties"]["path"]["exists"] is True
+    assert all("errorMessage" in prop for prop in schema["items"]["properties"].values())
