@@ -1,0 +1,454 @@
+"""``scfm report``: one self-contained HTML file (PNG images inlined) plus a metrics JSON.
+
+Sections, always present (with a note saying why when a section has nothing to show):
+summary, QC, metrics (scfm vs a PCA baseline on the same cells), UMAPs side by side, Leiden clusters,
+annotation (confusion matrix), training curves (from linked MLflow runs), parameters and versions.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from string import Template
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from scfm.errors import ScfmError
+from scfm.report import metrics as M
+from scfm.report import plots
+
+PCA_KEY = "X_pca_baseline"
+QC_COLOURS = ("total_counts", "n_genes_by_counts", "pct_counts_mt", "pct_counts_ribo", "doublet_score")
+SECTIONS = (
+    ("summary", "Summary"),
+    ("qc", "QC"),
+    ("metrics", "Metrics"),
+    ("umap", "UMAP: scfm vs PCA"),
+    ("leiden", "Leiden clusters"),
+    ("annotation", "Annotation"),
+    ("training", "Training curves"),
+    ("provenance", "Parameters and versions"),
+)
+VERSIONED_PACKAGES = ("scfm", "torch", "deepspeed", "scanpy", "anndata", "scikit-learn", "numpy", "mlflow")
+TRAINING_STEPS = ("pretrain", "finetune")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def read_inputs(paths: Sequence[str | os.PathLike], embedding_key: str):
+    """Read one or more h5ad files (several are concatenated for a combined report)."""
+    import anndata as ad
+
+    adatas = []
+    for path in paths:
+        try:
+            adata = ad.read_h5ad(path)
+        except Exception as exc:
+            raise ScfmError(f"cannot read as h5ad ({type(exc).__name__}: {exc})", path) from exc
+        if embedding_key not in adata.obsm:
+            raise ScfmError(
+                f"no embedding obsm['{embedding_key}'] (run `scfm embed` first, or pass --embedding-key)", path
+            )
+        adatas.append(adata)
+    if len(adatas) == 1:
+        return adatas[0], [dict(adatas[0].uns.get("scfm", {}))]
+    dims = {a.obsm[embedding_key].shape[1] for a in adatas}
+    if len(dims) > 1:
+        raise ScfmError(f"inputs have embeddings of different sizes {sorted(dims)}", paths[0])
+    combined = ad.concat(adatas, join="outer", merge="same", index_unique="-", label="input",
+                         keys=[Path(p).name for p in paths])
+    return combined, [dict(a.uns.get("scfm", {})) for a in adatas]
+
+
+def check_obs_key(adata, key: str | None, flag: str, path) -> None:
+    if key is not None and key not in adata.obs:
+        columns = ", ".join(map(str, adata.obs.columns[:20]))
+        raise ScfmError(f"{flag} '{key}' is not an obs column (columns: {columns})", path)
+
+
+def _looks_like_counts(matrix) -> bool:
+    data = matrix.data if hasattr(matrix, "data") else np.asarray(matrix).ravel()
+    sample = np.asarray(data[:100_000], dtype=np.float64)
+    return bool(sample.size and (sample >= 0).all() and np.allclose(sample, np.round(sample)))
+
+
+def add_pca_baseline(adata, *, seed: int = 0, n_comps: int = 50) -> str:
+    """PCA of log1p(CP10k) expression (or of X as given when X is not counts) into ``obsm[PCA_KEY]``."""
+    import anndata as ad
+    import scanpy as sc
+
+    work = ad.AnnData(X=adata.X.astype(np.float32).copy())
+    recipe = "PCA of X as stored"
+    if _looks_like_counts(work.X):
+        sc.pp.normalize_total(work, target_sum=1e4)
+        sc.pp.log1p(work)
+        recipe = "PCA of log1p(counts per 10k)"
+    n_comps = int(max(2, min(n_comps, work.n_obs - 1, work.n_vars - 1)))
+    sc.pp.pca(work, n_comps=n_comps, random_state=seed)
+    adata.obsm[PCA_KEY] = work.obsm["X_pca"]
+    return f"{recipe}, {n_comps} components"
+
+
+def qc_colour_columns(adata) -> list[str]:
+    present = [c for c in QC_COLOURS if c in adata.obs and pd.api.types.is_numeric_dtype(adata.obs[c])]
+    if not present:  # inputs without QC columns still get depth / complexity colourings
+        matrix = adata.X
+        adata.obs["total_counts"] = np.asarray(matrix.sum(axis=1)).ravel()
+        adata.obs["n_genes_by_counts"] = np.asarray((matrix > 0).sum(axis=1)).ravel()
+        present = ["total_counts", "n_genes_by_counts"]
+    return present
+
+
+# ----------------------------------------------------------------------------- MLflow
+
+
+def linked_training_runs(uri: str | None, run_ids: Sequence[str]) -> list[str]:
+    """Explicit ``--run-id``s, else the pretrain/fine-tune runs under the current pipeline parent run."""
+    if run_ids or not uri:
+        return list(run_ids)
+    from scfm.tracking import PARENT_ENV
+
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        experiment_id = client.get_run(parent).info.experiment_id
+        steps = ", ".join(f"'{s}'" for s in TRAINING_STEPS)
+        found = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.`scfm.step` IN ({steps})",
+            order_by=["attributes.start_time ASC"],
+        )
+    except Exception:
+        return []  # a report without curves beats no report
+    return [run.info.run_id for run in found]
+
+
+def read_metric_histories(uri: str, run_id: str) -> tuple[str, dict[str, list[tuple[int, float]]]]:
+    """(run name, {metric: [(step, value), ...]}) for one MLflow run; metrics logged once are skipped."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception as exc:
+        raise ScfmError(f"MLflow run {run_id} not found ({type(exc).__name__})", uri) from exc
+    name = run.info.run_name or run.data.tags.get("scfm.step", run_id)
+    histories = {}
+    for key in sorted(run.data.metrics):
+        points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        if len(points) > 1:
+            histories[key] = points
+    return f"{name} ({run_id[:8]})", histories
+
+
+# ----------------------------------------------------------------------------- HTML pieces
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def img_tag(png: bytes, alt: str) -> str:
+    encoded = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{encoded}">'
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "n/a" if not np.isfinite(value) else f"{value:.4g}"
+    if value is None:
+        return "n/a"
+    return str(value)
+
+
+def table(rows: Iterable[Sequence[Any]], header: Sequence[str] | None = None) -> str:
+    out = ["<table>"]
+    if header:
+        out.append("<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>")
+    for row in rows:
+        cells = []
+        for value in row:
+            numeric = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+            cells.append(f'<td class="num">{_e(_fmt(value))}</td>' if numeric else f"<td>{_e(_fmt(value))}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def flatten(mapping: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(mapping, dict):
+        rows = []
+        for key, value in mapping.items():
+            rows.extend(flatten(value, f"{prefix}{key}."))
+        return rows
+    if isinstance(mapping, np.ndarray):
+        mapping = mapping.tolist()
+    if isinstance(mapping, (list, tuple)):
+        mapping = json.dumps(mapping, default=str)
+        if len(mapping) > 300:
+            mapping = mapping[:300] + " …"
+    return [(prefix.rstrip("."), mapping)]
+
+
+def note(text: str) -> str:
+    return f'<p class="note">{_e(text)}</p>'
+
+
+def section(key: str, title: str, body: str) -> str:
+    return f'<section id="section-{key}">\n<h2>{_e(title)}</h2>\n{body}\n</section>'
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def summary_section(adata, inputs: Sequence[str], embedding_key: str, label_key, batch_key) -> str:
+    rows = [
+        ("inputs", ", ".join(map(str, inputs))),
+        ("cells", adata.n_obs),
+        ("genes", adata.n_vars),
+        ("embedding", f"obsm['{embedding_key}'] ({adata.obsm[embedding_key].shape[1]} dims)"),
+        ("label key", label_key or "none"),
+        ("batch key", batch_key or "none"),
+        ("created", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+    ]
+    return table(rows)
+
+
+def qc_section(adata, qc_summaries: list[tuple[str, Any]], qc_columns: list[str]) -> str:
+    parts = []
+    for source, summary in qc_summaries:
+        parts.append(f"<h3>QC summary from {_e(source)}</h3>")
+        parts.append(table(flatten(summary), header=("field", "value")))
+    if not qc_summaries:
+        parts.append(note("No QC summary: the input has no uns['scfm']['qc'] and no --qc-json was given."))
+    stats = []
+    for column in qc_columns:
+        values = adata.obs[column].to_numpy(dtype=float)
+        stats.append((column, *np.nanpercentile(values, [5, 50, 95]).round(3).tolist(), float(np.nanmean(values))))
+    parts.append("<h3>Per-cell QC metrics of the cells in this report</h3>")
+    parts.append(table(stats, header=("metric", "5th pct", "median", "95th pct", "mean")))
+    return "\n".join(parts)
+
+
+def metrics_section(result: dict) -> str:
+    embeddings = result["embeddings"]
+    names = list(embeddings)
+    keys = ["knn_accuracy", "ari", "nmi", "silhouette", "batch_asw", "n_leiden_clusters", "n_dims"]
+    rows = [(key, *[embeddings[n].get(key) for n in names]) for key in keys if any(key in embeddings[n] for n in names)]
+    parts = [table(rows, header=("metric", *names))]
+    parts.append(
+        '<p class="meta">kNN accuracy: 5-fold stratified cross-validated 15-NN classifier on the labels. '
+        "ARI/NMI: Leiden clusters vs labels. Silhouette: labels, rescaled to 0..1. Batch ASW: scIB-style "
+        "batch silhouette within labels (1 = well mixed). PCA baseline: "
+        f"{_e(result['pca_recipe'])}.</p>"
+    )
+    if "annotation" in result:
+        ann = result["annotation"]
+        rows = [(k, ann[k]) for k in ("accuracy", "macro_f1", "unknown_fraction", "accuracy_of_assigned")]
+        parts.append("<h3>Annotation vs known labels</h3>")
+        parts.append(table(rows, header=("metric", "value")))
+    if not result.get("label_key"):
+        parts.append(note("No --label-key: label-based metrics (kNN accuracy, ARI, NMI, silhouette) are skipped."))
+    return "\n".join(parts)
+
+
+def training_section(curves: list[tuple[str, dict]]) -> str:
+    parts = []
+    for name, histories in curves:
+        if histories:
+            parts.append(f"<h3>{_e(name)}</h3>")
+            parts.append(img_tag(plots.curves_png(histories, name), f"training curves {name}"))
+        else:
+            parts.append(note(f"{name}: no metric was logged more than once."))
+    if not curves:
+        parts.append(note("No MLflow training run linked (pass --run-id, or run under a pipeline parent run)."))
+    return "\n".join(parts)
+
+
+def provenance_section(uns_list: list[dict], params: dict) -> str:
+    versions = []
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions.append((package, metadata.version(package)))
+        except metadata.PackageNotFoundError:
+            versions.append((package, "not installed"))
+    parts = ["<h3>Package versions</h3>", table(versions, header=("package", "version"))]
+    parts += ["<h3>Report parameters</h3>", table(flatten(params), header=("parameter", "value"))]
+    for i, uns in enumerate(uns_list):
+        title = "uns['scfm'] of the input" if len(uns_list) == 1 else f"uns['scfm'] of input {i + 1}"
+        parts.append(f"<h3>{_e(title)}</h3>")
+        parts.append(f"<pre>{_e(json.dumps(_jsonable(uns), indent=2, default=str))}</pre>")
+    return "\n".join(parts)
+
+
+def package_versions() -> dict[str, str]:
+    found = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def render(title: str, subtitle: str, bodies: dict[str, str]) -> str:
+    template = Template((Path(__file__).parent / "templates" / "report.html").read_text())
+    nav = "".join(f'<a href="#section-{key}">{_e(name)}</a>' for key, name in SECTIONS)
+    sections = "\n".join(section(key, name, bodies[key]) for key, name in SECTIONS)
+    return template.substitute(title=_e(title), subtitle=_e(subtitle), nav=nav, sections=sections)
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def build_report(
+    inputs: Sequence[str | os.PathLike],
+    *,
+    embedding_key: str = "X_scfm",
+    label_key: str | None = None,
+    batch_key: str | None = None,
+    qc_json: Sequence[str | os.PathLike] = (),
+    mlflow_uri: str | None = None,
+    run_ids: Sequence[str] = (),
+    seed: int = 0,
+    title: str | None = None,
+    quiet: bool = False,
+) -> tuple[str, dict]:
+    """Compute metrics and figures for ``inputs``; return (HTML text, metrics dict)."""
+    from scfm.utils import progress
+
+    inputs = [os.fspath(p) for p in inputs]
+    adata, uns_list = read_inputs(inputs, embedding_key)
+    check_obs_key(adata, label_key, "--label-key", inputs[0])
+    check_obs_key(adata, batch_key, "--batch-key", inputs[0])
+    qc_summaries = [(f"{Path(p).name}: uns['scfm']['qc']", u["qc"]) for p, u in zip(inputs, uns_list) if "qc" in u]
+    for path in qc_json:
+        try:
+            qc_summaries.append((Path(path).name, json.loads(Path(path).read_text())))
+        except (OSError, ValueError) as exc:
+            raise ScfmError(f"cannot read QC JSON ({exc})", path) from exc
+    curves = [read_metric_histories(mlflow_uri, r) for r in linked_training_runs(mlflow_uri, run_ids)]
+
+    bar = progress(total=5, desc="report", unit="stage", quiet=quiet)
+    pca_recipe = add_pca_baseline(adata, seed=seed)
+    bar.update()
+    result: dict = {
+        "n_cells": int(adata.n_obs),
+        "inputs": inputs,
+        "embedding_key": embedding_key,
+        "label_key": label_key,
+        "batch_key": batch_key,
+        "seed": seed,
+        "pca_recipe": pca_recipe,
+        "embeddings": {},
+    }
+    import scanpy as sc
+
+    coords, clusters = {}, {}
+    for name, key in (("scfm", embedding_key), ("PCA", PCA_KEY)):
+        result["embeddings"][name], clusters[name] = M.embedding_metrics(
+            adata, key, label_key=label_key, batch_key=batch_key, seed=seed
+        )
+        sc.tl.umap(adata, random_state=seed)  # on the graph the metrics just built for this embedding
+        coords[name] = adata.obsm["X_umap"].copy()
+        bar.update()
+    if "scfm_cell_type" in adata.obs and label_key:
+        result["annotation"] = M.annotation_metrics(adata.obs["scfm_cell_type"], adata.obs[label_key])
+
+    colourings = []
+    if label_key:
+        colourings.append((label_key, adata.obs[label_key].astype(str).astype("category")))
+    if "scfm_cell_type" in adata.obs:
+        colourings.append(("scfm_cell_type", adata.obs["scfm_cell_type"].astype(str).astype("category")))
+    if batch_key:
+        colourings.append((batch_key, adata.obs[batch_key].astype(str).astype("category")))
+    qc_columns = qc_colour_columns(adata)
+    colourings += [(c, adata.obs[c]) for c in qc_columns]
+    umap_body = "\n".join(
+        f"<h3>coloured by {_e(name)}</h3>\n" + img_tag(plots.umap_pair_png(coords, values, name, seed=seed), name)
+        for name, values in colourings
+    )
+    bar.update()
+    leiden_parts = []
+    for name in coords:
+        own = pd.Series(pd.Categorical(clusters[name]), index=adata.obs_names)
+        leiden_parts.append(f"<h3>Leiden clusters of the {_e(name)} embedding</h3>")
+        leiden_parts.append(img_tag(plots.umap_pair_png(coords, own, f"{name} Leiden", seed=seed), f"{name} Leiden"))
+        sizes = own.value_counts().sort_index()
+        leiden_parts.append(table([(", ".join(f"{k}: {v}" for k, v in sizes.items()),)], header=("cluster: cells",)))
+    if "annotation" in result:
+        ann = result["annotation"]
+        truth = ann["classes"][: ann["n_truth_classes"]]
+        matrix = np.asarray(ann["confusion"])[: len(truth)]
+        annotation_body = img_tag(plots.confusion_png(matrix, truth, ann["classes"]), "confusion matrix")
+        settings = dict(uns_list[0].get("annotate", {}))
+        settings.pop("classes", None)
+        if settings:
+            annotation_body += table(flatten(settings), header=("annotation setting", "value"))
+    elif "scfm_cell_type" in adata.obs:
+        counts = adata.obs["scfm_cell_type"].astype(str).value_counts()
+        annotation_body = note("No --label-key, so no confusion matrix; predicted cell types:") + table(
+            counts.items(), header=("scfm_cell_type", "cells")
+        )
+    else:
+        annotation_body = note("No obs['scfm_cell_type'] in the input: run `scfm annotate` for a confusion matrix.")
+    bar.update()
+
+    params = {
+        "inputs": inputs, "embedding_key": embedding_key, "label_key": label_key, "batch_key": batch_key,
+        "qc_json": [os.fspath(p) for p in qc_json], "run_ids": list(run_ids), "seed": seed,
+    }
+    result["versions"] = package_versions()
+    bodies = {
+        "summary": summary_section(adata, inputs, embedding_key, label_key, batch_key),
+        "qc": qc_section(adata, qc_summaries, qc_columns),
+        "metrics": metrics_section(result),
+        "umap": umap_body,
+        "leiden": "\n".join(leiden_parts),
+        "annotation": annotation_body,
+        "training": training_section(curves),
+        "provenance": provenance_section(uns_list, params),
+    }
+    result["training_runs"] = [name for name, _ in curves]
+    bar.update()
+    bar.close()
+    title = title or f"scfm report: {', '.join(Path(p).name for p in inputs)}"
+    subtitle = f"{adata.n_obs} cells · scfm {result['versions'].get('scfm', '?')}"
+    return render(title, subtitle, bodies), _jsonable(result)
+
+
+def flat_metrics(result: dict) -> dict[str, float]:
+    """The numeric metrics as ``{"scfm.ari": ..., "annotation.accuracy": ...}`` for MLflow."""
+    flat = {}
+    for name, values in result["embeddings"].items():
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and value is not None:
+                flat[f"{name.lower()}.{key}"] = float(value)
+    for key, value in result.get("annotation", {}).items():
+        if isinstance(value, (int, float)) and value is not None:
+            flat[f"annotation.{key}"] = float(value)
+    return flat
