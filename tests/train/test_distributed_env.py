@@ -1,0 +1,80 @@
+"""Launcher environments, DeepSpeed configs and the LR schedule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scfm.errors import ScfmError
+from scfm.train.distributed import (
+    build_deepspeed_config,
+    detect_launch_env,
+    expand_nodelist,
+    packaged_zero_config,
+    warmup_cosine,
+)
+
+
+@pytest.mark.parametrize("text, hosts", [
+    ("node[01-04]", ["node01", "node02", "node03", "node04"]),
+    ("gpu[7,9-10],login1", ["gpu7", "gpu9", "gpu10", "login1"]),
+    ("a1,b[001-002]-ib", ["a1", "b001-ib", "b002-ib"]),
+    ("single", ["single"]),
+])
+def test_slurm_nodelists_expand(text, hosts):
+    assert expand_nodelist(text) == hosts
+
+
+def test_torchrun_variables_win_over_slurm():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1234",
+           "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
+    launch = detect_launch_env(env)
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.master_addr, launch.master_port) == (
+        3, 8, 1, "h", 1234)
+    assert launch.launcher == "torchrun"
+
+
+def test_slurm_tasks_agree_on_the_rendezvous():
+    base = {"SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "cn[12-13]", "SLURM_JOB_ID": "4711"}
+    launches = [detect_launch_env({**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r % 4)}) for r in range(8)]
+    assert {(l.master_addr, l.master_port) for l in launches} == {("cn12", launches[0].master_port)}
+    assert [l.rank for l in launches] == list(range(8))
+    assert launches[5].local_rank == 1 and launches[5].world_size == 8 and launches[0].launcher == "slurm"
+
+
+def test_no_launcher_means_one_process():
+    launch = detect_launch_env({})
+    assert (launch.rank, launch.world_size, launch.launcher) == (0, 1, "single")
+    assert launch.master_port > 0
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_packaged_configs_get_the_runs_overrides(stage):
+    assert json.loads(packaged_zero_config(stage).read_text())["zero_optimization"]["stage"] == stage
+    config = build_deepspeed_config(zero_stage=stage, micro_batch_size=4, grad_accum=3, gradient_clipping=0.5)
+    assert config["zero_optimization"]["stage"] == stage
+    assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_accumulation_steps"] == 3
+    assert config["gradient_clipping"] == 0.5
+    assert config["bf16"] == {"enabled": False}  # CPU: fp32
+    assert config["zero_allow_untested_optimizer"] is True
+
+
+def test_user_config_is_read_and_bad_ones_are_named(tmp_path):
+    good = tmp_path / "ds.json"
+    good.write_text(json.dumps({"zero_optimization": {"stage": 1}, "gradient_clipping": 2.0}))
+    assert build_deepspeed_config(zero_stage=3, config_path=good)["zero_optimization"]["stage"] == 1
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ScfmError, match="bad.json"):
+        build_deepspeed_config(config_path=bad)
+    with pytest.raises(ScfmError, match="stage"):
+        build_deepspeed_config(zero_stage=4)
+
+
+def test_warmup_then_cosine():
+    lrs = [warmup_cosine(s, warmup_steps=10, max_steps=110, min_ratio=0.1) for s in range(120)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))
+    assert lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
