@@ -1,0 +1,258 @@
+"""Expression -> model inputs: normalisation, read-depth tokens, padded token batches, length buckets.
+
+Token layout (see ``ModelConfig``): gene ``g`` is position ``g`` in vocabulary order, the target depth
+``T`` is position ``n_genes`` and the source depth ``S`` is position ``n_genes + 1``. The encoder sees
+the nonzero genes of a cell in vocabulary order followed by ``T`` and ``S``, right-padded to the
+longest cell of the batch; the decoder sees all ``n_genes + 2`` positions.
+
+Normalisation (``pre_normalized``), as in the released embedding script:
+
+- ``F``: counts -> ``log1p(x / total * 1e4)``, ``total`` = the cell's raw count (row sum, or ``totals``).
+- ``T``: values are already normalised; ``total`` = row sum of the given values (or ``totals``).
+- ``A``: values are already normalised and the raw totals come separately (``totals`` is required).
+
+``S = log10(total)``. Target depth notation: ``t4`` -> ``T = 4``; ``f1`` -> ``T = log10(total * 1)``;
+``a5`` -> ``T = log10(total) + 5``.
+
+Unlike the released script, ``T`` and ``S`` are always encoder tokens (it drops any value <= 0, which
+for ``S`` only happens for a cell with a single count); cells with a total <= 0 are rejected.
+
+Public helpers:
+    EncoderInputs(values, gene_ids, padding_mask)            padded encoder tensors
+    PretrainBatch(encoder, decoder_values, decoder_masked, targets)
+    build_pretrain_batch(gene_ids, values, masked, target_log_depth, source_log_depth, config)
+    normalize_counts(block, *, totals=None, pre_normalized="F") -> (normalised CSR float32, totals)
+    depth_tokens(totals, target_depth) -> (T, S)
+    encoder_inputs_from_csr(normalised, T, S, config, rows=None) -> EncoderInputs
+    decoder_batch_from_csr(normalised, T, S, config, rows=None) -> PretrainBatch (nothing masked)
+    length_buckets(n_tokens, batch_size, max_tokens=None) -> list of row-index arrays
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from scfm.errors import ScfmError
+from scfm.model.config import ModelConfig
+
+PRE_NORMALIZED_CHOICES = ("F", "T", "A")
+_TARGET_DEPTH = re.compile(r"^([tfa])(\d+(?:\.\d+)?)$")
+
+
+@dataclass
+class EncoderInputs:
+    values: torch.Tensor  # (B, L) float: normalised expression, then T and S; pad_value on padding
+    gene_ids: torch.Tensor  # (B, L) long: positions; pad_position on padding
+    padding_mask: torch.Tensor  # (B, L) bool: True on padding
+
+    def to(self, device) -> "EncoderInputs":
+        return EncoderInputs(self.values.to(device), self.gene_ids.to(device), self.padding_mask.to(device))
+
+    @property
+    def n_tokens(self) -> torch.Tensor:
+        return (~self.padding_mask).sum(dim=1)
+
+
+@dataclass
+class PretrainBatch:
+    """Everything ``XTrimoGene.forward`` needs; built by :func:`build_pretrain_batch`."""
+
+    encoder: EncoderInputs  # unmasked nonzero genes + T + S
+    decoder_values: torch.Tensor  # (B, P) float: value per position (0 for zero and masked genes)
+    decoder_masked: torch.Tensor  # (B, P) bool: positions whose value is hidden (learned mask vector)
+    targets: torch.Tensor  # (B, P) float: true normalised values (T, S included), for the loss
+
+    def to(self, device) -> "PretrainBatch":
+        return PretrainBatch(self.encoder.to(device), self.decoder_values.to(device),
+                             self.decoder_masked.to(device), self.targets.to(device))
+
+
+# ---------------------------------------------------------------------------------------- padding
+def pad_encoder_tokens(
+    gene_ids: Sequence[np.ndarray], values: Sequence[np.ndarray], config: ModelConfig
+) -> EncoderInputs:
+    """Per-cell token ids and values (T and S included) -> right-padded tensors."""
+    lengths = np.fromiter((len(g) for g in gene_ids), dtype=np.int64, count=len(gene_ids))
+    if len(lengths) == 0:
+        raise ValueError("no cells to pad")
+    width = int(lengths.max())
+    out_values = np.full((len(lengths), width), config.pad_value, dtype=np.float32)
+    out_ids = np.full((len(lengths), width), config.pad_position, dtype=np.int64)
+    for row, (ids, vals) in enumerate(zip(gene_ids, values)):
+        out_values[row, : len(ids)] = vals
+        out_ids[row, : len(ids)] = ids
+    ids_t = torch.from_numpy(out_ids)
+    return EncoderInputs(torch.from_numpy(out_values), ids_t, ids_t == config.pad_position)
+
+
+def build_pretrain_batch(
+    gene_ids: Sequence[np.ndarray],
+    values: Sequence[np.ndarray],
+    masked: Sequence[np.ndarray],
+    target_log_depth: Sequence[float],
+    source_log_depth: Sequence[float],
+    config: ModelConfig,
+) -> PretrainBatch:
+    """Per cell: ``gene_ids`` (k,) ascending vocabulary ids, ``values`` (k,) normalised expression
+    (zeros allowed, e.g. masked zero genes), ``masked`` (k,) bool; plus the cell's T and S (log10).
+
+    The encoder gets the unmasked genes with value > 0, then T and S; the decoder gets every
+    position, with masked genes flagged (they are embedded as the learned mask vector).
+    """
+    n_cells, n_positions = len(gene_ids), config.n_positions
+    enc_ids, enc_values = [], []
+    decoder_values = np.zeros((n_cells, n_positions), dtype=np.float32)
+    decoder_masked = np.zeros((n_cells, n_positions), dtype=bool)
+    targets = np.zeros((n_cells, n_positions), dtype=np.float32)
+    for row in range(n_cells):
+        ids = np.asarray(gene_ids[row], dtype=np.int64)
+        vals = np.asarray(values[row], dtype=np.float32)
+        hidden = np.asarray(masked[row], dtype=bool)
+        if ids.size and (ids.min() < 0 or ids.max() >= config.n_genes):
+            raise ValueError(f"cell {row}: gene ids outside 0..{config.n_genes - 1}")
+        t, s = np.float32(target_log_depth[row]), np.float32(source_log_depth[row])
+        visible = ~hidden & (vals > 0)
+        enc_ids.append(np.concatenate([ids[visible], [config.t_position, config.s_position]]))
+        enc_values.append(np.concatenate([vals[visible], [t, s]]).astype(np.float32))
+        decoder_values[row, ids] = np.where(hidden, 0.0, vals)
+        decoder_values[row, [config.t_position, config.s_position]] = (t, s)
+        decoder_masked[row, ids] = hidden
+        targets[row, ids] = vals
+        targets[row, [config.t_position, config.s_position]] = (t, s)
+    return PretrainBatch(
+        pad_encoder_tokens(enc_ids, enc_values, config),
+        torch.from_numpy(decoder_values), torch.from_numpy(decoder_masked), torch.from_numpy(targets),
+    )
+
+
+# ---------------------------------------------------------------------------- normalisation
+def parse_target_depth(spec: str) -> tuple[str, float]:
+    """``"t4"`` -> ``("t", 4.0)``; also ``f<fold>`` and ``a<added log10>``."""
+    match = _TARGET_DEPTH.match(str(spec).strip())
+    if not match:
+        raise ScfmError(f"invalid target depth {spec!r}: expected t<log10 depth> (e.g. t4), "
+                        "f<fold change> (e.g. f1) or a<added log10> (e.g. a5)")
+    return match.group(1), float(match.group(2))
+
+
+def _as_csr(block) -> sp.csr_matrix:
+    if sp.issparse(block):
+        csr = sp.csr_matrix(block)
+    else:
+        csr = sp.csr_matrix(np.asarray(block))
+    if not csr.has_sorted_indices:
+        csr = csr.sorted_indices()
+    return csr
+
+
+def normalize_counts(block, *, totals=None, pre_normalized: str = "F") -> tuple[sp.csr_matrix, np.ndarray]:
+    """A row block (cells x genes, vocabulary order) -> (normalised CSR float32, raw totals float64)."""
+    if pre_normalized not in PRE_NORMALIZED_CHOICES:
+        raise ScfmError(f"pre_normalized must be one of F, T, A, got {pre_normalized!r}")
+    csr = _as_csr(block).astype(np.float64)
+    if totals is None:
+        if pre_normalized == "A":
+            raise ScfmError("pre_normalized A needs the raw total count of every cell (totals)")
+        totals = np.asarray(csr.sum(axis=1)).ravel()
+    totals = np.asarray(totals, dtype=np.float64).ravel()
+    if totals.shape[0] != csr.shape[0]:
+        raise ScfmError(f"{totals.shape[0]} totals for {csr.shape[0]} cells")
+    bad = np.flatnonzero(~(totals > 0))
+    if bad.size:
+        raise ScfmError(f"{bad.size} cell(s) have a total count <= 0 (first: row {int(bad[0])}); "
+                        "remove empty cells first (scfm qc does)")
+    if pre_normalized == "F":
+        row_of = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
+        csr.data = np.log1p(csr.data / totals[row_of] * 1e4)
+    return csr.astype(np.float32), totals
+
+
+def depth_tokens(totals: np.ndarray, target_depth: str = "t4") -> tuple[np.ndarray, np.ndarray]:
+    """Raw totals -> (T, S) in log10, float32 (computed in float64 like the released script)."""
+    kind, number = parse_target_depth(target_depth)
+    source = np.log10(np.asarray(totals, dtype=np.float64))
+    if kind == "t":
+        target = np.full_like(source, number)
+    elif kind == "f":
+        if number <= 0:
+            raise ScfmError(f"invalid target depth {target_depth!r}: the fold change must be > 0")
+        target = np.log10(np.asarray(totals, dtype=np.float64) * number)
+    else:
+        target = source + number
+    return target.astype(np.float32), source.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ from CSR rows
+def encoder_inputs_from_csr(
+    normalised: sp.csr_matrix, target: np.ndarray, source: np.ndarray, config: ModelConfig, rows=None
+) -> EncoderInputs:
+    """Gather the positive entries of the chosen rows (never densifying cells x genes) + T, S; pad."""
+    rows = np.arange(normalised.shape[0]) if rows is None else np.asarray(rows)
+    sub = normalised[rows]
+    if sub.nnz and sub.data.min() <= 0:
+        sub = sub.copy()
+        sub.data[sub.data <= 0] = 0
+        sub.eliminate_zeros()
+    if not sub.has_sorted_indices:
+        sub = sub.sorted_indices()
+    counts = np.diff(sub.indptr)
+    n_cells, width = len(rows), int(counts.max(initial=0)) + 2
+    values = np.full((n_cells, width), config.pad_value, dtype=np.float32)
+    gene_ids = np.full((n_cells, width), config.pad_position, dtype=np.int64)
+    row_of = np.repeat(np.arange(n_cells), counts)
+    col_of = np.arange(sub.nnz) - np.repeat(sub.indptr[:-1], counts)
+    values[row_of, col_of] = sub.data
+    gene_ids[row_of, col_of] = sub.indices
+    cells = np.arange(n_cells)
+    values[cells, counts], gene_ids[cells, counts] = target[rows], config.t_position
+    values[cells, counts + 1], gene_ids[cells, counts + 1] = source[rows], config.s_position
+    ids_t = torch.from_numpy(gene_ids)
+    return EncoderInputs(torch.from_numpy(values), ids_t, ids_t == config.pad_position)
+
+
+def decoder_batch_from_csr(
+    normalised: sp.csr_matrix, target: np.ndarray, source: np.ndarray, config: ModelConfig, rows=None
+) -> PretrainBatch:
+    """Inference batch for the full encoder -> decoder path: nothing masked."""
+    rows = np.arange(normalised.shape[0]) if rows is None else np.asarray(rows)
+    sub = normalised[rows]
+    dense = np.zeros((len(rows), config.n_positions), dtype=np.float32)
+    dense[:, : config.n_genes] = sub.toarray()  # only a few cells at a time
+    dense[:, config.t_position] = target[rows]
+    dense[:, config.s_position] = source[rows]
+    values = torch.from_numpy(dense)
+    return PretrainBatch(
+        encoder_inputs_from_csr(normalised, target, source, config, rows),
+        values, torch.zeros_like(values, dtype=torch.bool), values,
+    )
+
+
+def length_buckets(n_tokens: np.ndarray, batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
+    """Group cells of similar length so padding costs little; returns row-index arrays.
+
+    Cells are sorted by length; a batch closes at ``batch_size`` cells or when padding every cell
+    to the batch's longest would exceed ``max_tokens``. Callers scatter results back by index.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    order = np.argsort(np.asarray(n_tokens), kind="stable")
+    batches, start = [], 0
+    for end in range(1, len(order) + 1):
+        size = end - start
+        longest = n_tokens[order[end - 1]]
+        too_many = max_tokens is not None and size > 1 and size * longest > max_tokens
+        if too_many:
+            batches.append(order[start : end - 1])
+            start = end - 1
+        elif size == batch_size:
+            batches.append(order[start:end])
+            start = end
+    if start < len(order):
+        batches.append(order[start:])
+    return batches

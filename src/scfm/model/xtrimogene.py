@@ -1,0 +1,176 @@
+"""xTrimoGene: the asymmetric encoder-decoder behind scFoundation.
+
+    values, gene ids ──► value embedding + position embedding
+                         │  encoder: post-LN transformer over the nonzero tokens (+ T, S) only
+                         ▼
+                     encoded (B, L, d) ──► cell_embedding (pool "all": S, T, max, mean → 4d)
+                         │  scatter back to each token's position; every other position is
+                         │  value-embedded (masked genes → learned mask vector); + position again
+                         ▼
+                     Linear d → decoder_dim, Performer layers, LayerNorm, LayerNorm
+                         ▼
+                     gene embeddings (B, P, decoder_dim) ──► Linear → 1: expression (B, P)
+
+Interfaces:
+    model = XTrimoGene(config)
+    encoded = model.encode(values, gene_ids, padding_mask)          # (B, L, d)
+    emb = model.cell_embedding(encoded, encoder_inputs, pool="all")  # (B, 4d) or (B, d) for "max"
+    genes = model.decode(encoded, batch)                             # (B, P, decoder_dim)
+    predictions = model(batch)                                       # (B, P), P = n_genes + 2
+where ``encoder_inputs`` is a ``scfm.model.inputs.EncoderInputs`` and ``batch`` a ``PretrainBatch``.
+Padding never changes a real token's output: attention uses a key padding mask, pooling masks it too.
+The decoder cost is linear in the number of positions (Performer); callers chunk over cells.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scfm.model.config import ModelConfig
+from scfm.model.inputs import EncoderInputs, PretrainBatch
+from scfm.model.performer import PerformerLayer
+
+POOLS = ("all", "max")
+
+
+class AutoBinValueEmbedding(nn.Module):
+    """Scalar → d-vector by a learned soft assignment to ``n_bins`` bin vectors.
+
+    h1 = LeakyReLU(0.1)(Linear(1→bins) v);  w = softmax(alpha * h1 + Linear(bins→bins) h1);  e = w @ bins
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.bin_alpha = config.bin_alpha
+        self.to_bins = nn.Linear(1, config.n_bins)
+        self.mix_bins = nn.Linear(config.n_bins, config.n_bins)
+        self.bins = nn.Parameter(torch.randn(config.n_bins, config.encoder_dim))
+        self.mask_vector = nn.Parameter(torch.randn(config.encoder_dim))
+        self.pad_vector = nn.Parameter(torch.randn(config.encoder_dim))
+
+    def forward(self, values: torch.Tensor, *, masked: torch.Tensor | None = None,
+                padded: torch.Tensor | None = None) -> torch.Tensor:
+        h = F.leaky_relu(self.to_bins(values.unsqueeze(-1)), 0.1)  # (B, L, bins)
+        weights = torch.softmax(self.bin_alpha * h + self.mix_bins(h), dim=-1)
+        emb = weights @ self.bins.to(weights.dtype)  # (B, L, d)
+        if masked is not None:
+            emb = torch.where(masked.unsqueeze(-1), self.mask_vector.to(emb.dtype), emb)
+        if padded is not None:
+            emb = torch.where(padded.unsqueeze(-1), self.pad_vector.to(emb.dtype), emb)
+        return emb
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN transformer layer (the layout of ``nn.TransformerEncoderLayer``, ReLU) on SDPA."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        dim, eps = config.encoder_dim, config.layer_norm_eps
+        self.n_heads = config.encoder_heads
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.attn_out = nn.Linear(dim, dim)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.ff_in = nn.Linear(dim, config.encoder_ff_dim)
+        self.ff_out = nn.Linear(config.encoder_ff_dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+        # x (B, L, d); attend (B, 1, 1, L) bool, False on padded keys
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=p)  # (B, h, L, hd)
+        a = a.transpose(1, 2).reshape(b, n, d)
+        x = self.norm1(x + F.dropout(self.attn_out(a), p, self.training))
+        ff = self.ff_out(F.dropout(F.relu(self.ff_in(x)), p, self.training))
+        return self.norm2(x + F.dropout(ff, p, self.training))
+
+
+class XTrimoGene(nn.Module):
+    def __init__(self, config: ModelConfig, *, seed: int | None = None):
+        super().__init__()
+        self.config = config
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        d = config.encoder_dim
+
+        self.value_embed = AutoBinValueEmbedding(config)
+        self.position_embed = nn.Embedding(config.n_positions + 1, d)  # + the padding position
+
+        self.encoder = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
+        self.encoder_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+
+        self.decoder_embed = nn.Linear(d, config.decoder_dim)
+        self.decoder = nn.ModuleList(PerformerLayer(config, generator) for _ in range(config.decoder_layers))
+        self.decoder_norm = nn.LayerNorm(config.decoder_dim, eps=config.layer_norm_eps)
+        self.output_norm = nn.LayerNorm(config.decoder_dim, eps=config.layer_norm_eps)
+        self.head = nn.Linear(config.decoder_dim, 1)
+
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """GPT-style small normal weights, zero biases, unit LayerNorms (projection buffers kept)."""
+        for name, param in self.named_parameters():
+            if param.dim() >= 2 or name.endswith(("bins", "mask_vector", "pad_vector")):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+            elif "norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+            else:
+                param.zero_()
+
+    # ------------------------------------------------------------------------------ encoder
+    def encode(self, values: torch.Tensor, gene_ids: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) values, position ids and padding flags → (B, L, encoder_dim)."""
+        x = self.value_embed(values, padded=padding_mask) + self.position_embed(gene_ids)
+        attend = ~padding_mask[:, None, None, :]
+        for layer in self.encoder:
+            x = layer(x, attend)
+        return self.encoder_norm(x)
+
+    def cell_embedding(self, encoded: torch.Tensor, batch: EncoderInputs, pool: str = "all") -> torch.Tensor:
+        """``all``: concat(S, T, max over genes, mean over genes) (B, 4d); ``max``: max over all tokens (B, d)."""
+        real = ~batch.padding_mask
+        if pool == "max":
+            return encoded.masked_fill(~real.unsqueeze(-1), float("-inf")).amax(dim=1)
+        if pool != "all":
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        cfg = self.config
+        genes = (real & (batch.gene_ids < cfg.n_genes)).unsqueeze(-1)  # (B, L, 1)
+        s = self._token_at(encoded, batch.gene_ids == cfg.s_position)
+        t = self._token_at(encoded, batch.gene_ids == cfg.t_position)
+        gene_max = encoded.masked_fill(~genes, float("-inf")).amax(dim=1)
+        gene_mean = (encoded * genes).sum(dim=1) / genes.sum(dim=1).clamp(min=1)
+        return torch.cat([s, t, gene_max, gene_mean], dim=-1)
+
+    @staticmethod
+    def _token_at(encoded: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        # exactly one True per row (T and S are always encoder tokens)
+        index = where.long().argmax(dim=1)
+        return encoded[torch.arange(encoded.shape[0], device=encoded.device), index]
+
+    # ------------------------------------------------------------------------------ decoder
+    def decode(self, encoded: torch.Tensor, batch: PretrainBatch) -> torch.Tensor:
+        """Encoder outputs + the other positions → gene embeddings (B, P, decoder_dim)."""
+        enc = batch.encoder
+        b, n_pos, d = encoded.shape[0], self.config.n_positions, self.config.encoder_dim
+        x = self.value_embed(batch.decoder_values, masked=batch.decoder_masked)  # (B, P, d)
+        # one scratch column catches the encoder's padding (its id is pad_position == P)
+        x = torch.cat([x, x.new_zeros(b, 1, d)], dim=1)
+        x = x.scatter(1, enc.gene_ids.unsqueeze(-1).expand(-1, -1, d), encoded.to(x.dtype))[:, :n_pos]
+        positions = torch.arange(n_pos, device=x.device)
+        x = self.decoder_embed(x + self.position_embed(positions))  # (B, P, decoder_dim)
+        for layer in self.decoder:
+            x = layer(x)
+        return self.output_norm(self.decoder_norm(x))
+
+    def forward(self, batch: PretrainBatch) -> torch.Tensor:
+        """Predicted expression at every position (B, P), for the masked regression loss."""
+        enc = batch.encoder
+        encoded = self.encode(enc.values, enc.gene_ids, enc.padding_mask)
+        return self.head(self.decode(encoded, batch)).squeeze(-1)
+
+    def predict_expression(self, batch: PretrainBatch) -> torch.Tensor:
+        return self.forward(batch)
