@@ -14,6 +14,39 @@ from scfm.utils import atomic_output, seed_everything
 _existing = click.Path(exists=True, dir_okay=False)
 
 
+@click.command("annotate")
+@click.argument("input", type=_existing)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Annotated h5ad to write.")
+@click.option("--classifier", type=click.Path(exists=True, file_okay=False),
+              help="Classifier directory from `scfm finetune`.")
+@click.option("--reference", type=_existing, help="Embedded, labelled reference h5ad for kNN label transfer.")
+@click.option("--label-key", default=None, help="obs column of the reference holding cell types.")
+@click.option("--k", type=int, default=15, show_default=True, help="Neighbours for kNN transfer.")
+@click.option("--min-confidence", type=float, default=0.5, show_default=True,
+              help="Cells whose top class probability is lower are labelled 'unknown'.")
+@click.option("--embedding-key", default="X_scfm", show_default=True, help="obsm key of the cell embedding.")
+@step_options
+def annotate(input, output, classifier, reference, label_key, k, min_confidence, embedding_key,
+             mlflow_uri, seed, quiet):
+    """Label embedded cells in INPUT with a classifier head or by kNN transfer from a reference."""
+    from scfm.tasks.annotate import annotate_file
+
+    seed_everything(seed)
+    params = {"input": input, "classifier": classifier, "reference": reference, "label_key": label_key, "k": k,
+              "min_confidence": min_confidence, "embedding_key": embedding_key, "seed": seed}
+    uri = tracking.resolve_uri(mlflow_uri, Path(output).parent)
+    with tracking.step_run("annotate", uri=uri, params=params) as run:
+        summary = annotate_file(
+            input, output, classifier=classifier, reference=reference, label_key=label_key, k=k,
+            min_confidence=min_confidence, embedding_key=embedding_key,
+        )
+        run.log_metrics({"n_cells": summary["n_cells"], "n_unknown": summary["n_unknown"],
+                         "unknown_fraction": summary["n_unknown"] / max(summary["n_cells"], 1)})
+        run.log_dict(summary, "annotate.json")
+    if not quiet:
+        click.echo(f"annotated {summary['n_cells']} cells ({summary['n_unknown']} unknown): {output}", err=True)
+
+
 @click.command("report")
 @click.argument("inputs", nargs=-1, required=True, type=_existing)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The HTML report to write.")
@@ -55,4 +88,4 @@ def report(inputs, output, embedding_key, label_key, batch_key, qc_json, run_ids
         click.echo(f"report: {output}\nmetrics: {metrics_path}", err=True)
 
 
-COMMANDS = [report]
+COMMANDS = [annotate, report]
