@@ -181,6 +181,7 @@ def test_open_chunked_reads_sparse_dense_layers_and_raw(tmp_path):
         (counts.toarray(), None, {}),
         (logged, "counts", {"layers": {"counts": counts}}),
         (logged, "raw", {"raw": counts}),
+        (logged, None, {"raw": counts}),  # .raw holding counts is chosen by default
     ]:
         path = _write(tmp_path / "x.h5ad", X, **kw)
         src = open_chunked(path, chunk_size=10, layer=layer)
@@ -192,7 +193,7 @@ def test_open_chunked_reads_sparse_dense_layers_and_raw(tmp_path):
 
 @pytest.mark.parametrize(
     "values, message",
-    [(-1.0, "negative values"), (np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"), (0.5, "non-integer values")],
+    [(-1.0, "negative values"), (np.nan, "NaN values"), (np.inf, "infinite values"), (0.5, "non-integer values")],
 )
 def test_open_chunked_rejects_non_counts(tmp_path, values, message):
     X = np.ones((4, 3), dtype=np.float32)
@@ -205,10 +206,10 @@ def test_open_chunked_rejects_non_counts(tmp_path, values, message):
 def test_open_chunked_bad_files(tmp_path):
     junk = tmp_path / "junk.h5ad"
     junk.write_text("not hdf5")
-    with pytest.raises(ScfmError, match="not a readable .h5ad"):
+    with pytest.raises(ScfmError, match="not an HDF5 file"):
         open_chunked(junk)
     with pytest.raises(ScfmError, match="not found"):
         open_chunked(tmp_path / "missing.h5ad")
     path = _write(tmp_path / "x.h5ad", sp.csr_matrix(np.ones((2, 2), dtype=np.float32)))
-    with pytest.raises(ScfmError, match="no layer 'counts'"):
+    with pytest.raises(ScfmError, match="layer 'counts' not found"):
         open_chunked(path, layer="counts")

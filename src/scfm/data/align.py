@@ -44,7 +44,7 @@ RULES = ("ensembl", "symbol", "symbol_ci", "alias")
 DEFAULT_MIN_COVERAGE = 0.3
 # var columns that carry the other identifier, in order of preference (10x, scanpy, CELLxGENE, ours)
 SYMBOL_COLUMNS = ("gene_symbols", "gene_name", "gene_symbol", "feature_name", "symbol")
-ENSEMBL_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl", "feature_id")
+ENSEMBL_COLUMNS = ("ensembl_id", "gene_ids", "gene_id", "ensembl", "feature_id")
 _ENSEMBL_GENE = re.compile(r"^ENS[A-Z]*G\d{6,}")
 _N_EXAMPLES = 10
 
@@ -293,136 +293,57 @@ def align_adata(
 
 
 # ---------------------------------------------------------------------------------- streaming input
-def _check_counts(csr: sp.csr_matrix, path, source: str, first_row: int) -> None:
-    data = csr.data
-    if data.size == 0:
-        return
-    if not np.all(np.isfinite(data)):
-        raise ScfmError(f"{source} holds NaN or infinite values (rows from {first_row})", path)
-    if data.min() < 0:
-        raise ScfmError(f"{source} holds negative values (rows from {first_row}); raw counts are required", path)
-    if not np.all(data == np.round(data)):
-        raise ScfmError(
-            f"{source} holds non-integer values (rows from {first_row}): alignment needs raw counts; "
-            "pick the count matrix with --layer (a layer name, or 'raw' for .raw)",
-            path,
-        )
-
-
-def _h5ad_source(handle, layer: str | None, path):
-    """(matrix element, var group, 'X' | 'layers/<name>' | 'raw') of an open h5ad."""
-    if layer is None or layer == "X":
-        return handle["X"], handle["var"], "X"
-    if "layers" in handle and layer in handle["layers"]:
-        return handle["layers"][layer], handle["var"], f"layers/{layer}"
-    if layer == "raw" and "raw" in handle:
-        return handle["raw"]["X"], handle["raw"]["var"], "raw"
-    available = list(handle["layers"].keys()) if "layers" in handle else []
-    if "raw" in handle:
-        available.append("raw")
-    raise ScfmError(f"no layer {layer!r} (available: {', '.join(available) or 'none'})", path)
-
-
 @dataclass
 class ChunkedInput:
-    """An input opened for streaming: its gene table, obs, counts source and a row-chunk iterator."""
+    """An input opened for streaming: cell count, counts source, earlier steps' ``uns['scfm']`` and
+    an iterator of ``(obs_block, csr_counts_block, var)``."""
 
     path: Path
-    var: pd.DataFrame
-    obs: pd.DataFrame
+    n_cells: int
     counts_source: str
     uns_scfm: dict
     chunks: Iterator[tuple[pd.DataFrame, sp.csr_matrix, pd.DataFrame]]
 
-    @property
-    def n_cells(self) -> int:
-        return len(self.obs)
 
+def open_chunked(path: str | os.PathLike, *, chunk_size: int = 10_000, layer: str | None = None) -> ChunkedInput:
+    """Open an input for row-chunked reading of its raw counts (non-integer values are an error).
 
-def open_chunked(
-    path: str | os.PathLike, *, chunk_size: int = 10_000, layer: str | None = None, check_counts: bool = True
-) -> ChunkedInput:
-    """Open an input for row-chunked reading.
-
-    ``.h5ad`` files are read straight from HDF5, ``chunk_size`` rows at a time (only ``obs`` is held in
-    memory). Other formats go through :func:`scfm.data.io.read_input` and are then cut into chunks.
+    ``.h5ad`` files stream from disk through :func:`scfm.data.io.iter_chunks` (one block of the matrix
+    in memory at a time); other formats are read whole by :func:`scfm.data.io.read_input`, then cut.
+    The count matrix is chosen by the readers' rules (``layer``, else ``.raw``, ``X``, ``layers['counts']``).
     """
+    from scfm.data import io
+
     path = Path(path)
-    if not path.exists():
-        raise ScfmError("input file not found", path)
-    if path.suffix == ".h5ad":
-        return _open_h5ad(path, chunk_size, layer, check_counts)
-    return _open_other(path, chunk_size, layer, check_counts)
-
-
-def _open_h5ad(path: Path, chunk_size: int, layer, check_counts: bool) -> ChunkedInput:
-    import h5py
-    from anndata.io import read_elem, sparse_dataset
-
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as exc:
-        raise ScfmError(f"not a readable .h5ad (HDF5) file: {str(exc).splitlines()[0]}", path) from exc
-    try:
-        matrix, var_group, source = _h5ad_source(handle, layer, path)
-        var = read_elem(var_group)
-        obs = read_elem(handle["obs"])
-        uns_scfm = read_elem(handle["uns"]["scfm"]) if "uns" in handle and "scfm" in handle["uns"] else {}
-    except ScfmError:
-        handle.close()
-        raise
-    except Exception as exc:
-        handle.close()
-        raise ScfmError(f"cannot read the .h5ad structure ({exc.__class__.__name__}: {exc})", path) from exc
-    sparse = isinstance(matrix, h5py.Group)
-    n_rows = (matrix.attrs["shape"][0] if sparse else matrix.shape[0])
-    if n_rows != len(obs):
-        handle.close()
-        raise ScfmError(f"{source} has {n_rows} rows but obs has {len(obs)}", path)
-    if len(obs) == 0 or len(var) == 0:
-        handle.close()
-        raise ScfmError(f"no {'cells' if len(obs) == 0 else 'genes'} in {source}", path)
-    if sparse:
-        encoding = matrix.attrs.get("encoding-type", "")
-        if encoding == "csc_matrix":
-            handle.close()
-            raise ScfmError(f"{source} is stored as CSC; rewrite it as CSR to stream it by cells", path)
-        dataset = sparse_dataset(matrix)
-
-    def chunks():
-        try:
-            for start in range(0, len(obs), chunk_size):
-                stop = min(start + chunk_size, len(obs))
-                block = dataset[start:stop] if sparse else matrix[start:stop]
-                csr = sp.csr_matrix(block, dtype=np.float32)
-                if check_counts:
-                    _check_counts(csr, path, source, start)
-                yield obs.iloc[start:stop], csr, var
-        finally:
-            handle.close()
-
-    return ChunkedInput(path, var, obs, source, dict(uns_scfm), chunks())
-
-
-def _open_other(path: Path, chunk_size: int, layer, check_counts: bool) -> ChunkedInput:
-    try:
-        from scfm.data.io import read_input
-    except ImportError as exc:  # the readers module is part of the package; this is a broken install
-        raise ScfmError("only .h5ad inputs can be read (scfm.data.io is missing)", path) from exc
-    result = read_input(path, layer=layer)
+    if io.input_format(path) == "h5ad":
+        info = io.inspect_h5ad(path, layer=layer)
+        if not info.is_counts:  # fail before any output is started, not at the first block
+            raise ScfmError(
+                f"{info.counts_source} has non-integer values where raw counts are required "
+                "(normalized data? pass --layer with the raw-count layer)",
+                path,
+            )
+        chunks = io.iter_chunks(path, chunk_size, layer=layer, require_counts=True)
+        return ChunkedInput(path, info.n_obs, info.counts_source, _h5ad_uns_scfm(path), chunks)
+    result = io.read_input(path, layer=layer, require_counts=True)
     adata = result.adata
-    csr = sp.csr_matrix(adata.X, dtype=np.float32)
-    source = str(result.counts_source)
 
     def chunks():
         for start in range(0, adata.n_obs, chunk_size):
-            block = csr[start : start + chunk_size]
-            if check_counts:
-                _check_counts(block, path, source, start)
-            yield adata.obs.iloc[start : start + chunk_size], block, adata.var
+            yield adata.obs.iloc[start : start + chunk_size], adata.X[start : start + chunk_size], adata.var
 
-    uns = adata.uns.get("scfm", {})
-    return ChunkedInput(path, adata.var, adata.obs, source, dict(uns), chunks())
+    return ChunkedInput(path, adata.n_obs, result.counts_source, dict(adata.uns.get("scfm", {})), chunks())
+
+
+def _h5ad_uns_scfm(path: Path) -> dict:
+    """``uns['scfm']`` of an ``.h5ad`` (e.g. the QC summary), read without loading the matrix."""
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as handle:
+        if "uns" in handle and "scfm" in handle["uns"]:
+            return dict(read_elem(handle["uns"]["scfm"]))
+    return {}
 
 
 def iter_count_chunks(
@@ -432,8 +353,7 @@ def iter_count_chunks(
     from scfm.utils import progress
 
     source = open_chunked(path, chunk_size=chunk_size, layer=layer)
-    bar = progress(total=source.n_cells, desc=f"reading {Path(path).name}", unit="cells", quiet=quiet)
-    with bar:
+    with progress(total=source.n_cells, desc=f"reading {Path(path).name}", unit="cells", quiet=quiet) as bar:
         for obs, csr, var in source.chunks:
             bar.update(csr.shape[0])
             yield obs, csr, var
