@@ -1,0 +1,53 @@
+#!/usr/bin/env nextflow
+/*
+ * scfm: single-cell foundation model pipeline.
+ *
+ *   nextflow run . -profile test,docker --outdir results
+ *   nextflow run . -profile slurm,gpu,apptainer --input samplesheet.csv --outdir results \
+ *       --mode embed --checkpoint /models/scfm-base
+ *
+ * Every process is a thin call of a `bin/scfm-<step>` command; see docs/pipeline.md.
+ */
+
+include { validateParameters; samplesheetToList } from 'plugin/nf-schema'
+include { SCFM } from './workflows/scfm'
+
+workflow {
+    main:
+    validateParameters()
+    checkModeParams()
+
+    // samplesheet rows -> [ meta (id, batch, condition), counts ]; a sample without a batch is its own batch
+    samples = channel
+        .fromList(samplesheetToList(params.input, "${projectDir}/assets/schema_input.json"))
+        .map { meta, counts -> [meta + [batch: meta.batch ?: meta.id], counts] }
+
+    // SQLite needs an absolute path: tasks run in their own work directories
+    def mlflow_uri = params.mlflow_uri ?: "sqlite:///${file(params.outdir).toAbsolutePath()}/mlflow/mlflow.db"
+
+    SCFM(samples, mlflow_uri)
+
+    SCFM.out.versions
+        .unique()
+        .collectFile(name: 'scfm_software_versions.yml', storeDir: "${params.outdir}/pipeline_info", sort: true, newLine: true)
+
+    workflow.onComplete = {
+        log.info("scfm ${workflow.success ? 'finished' : 'failed'}: results in ${params.outdir}, MLflow store ${mlflow_uri}")
+    }
+}
+
+// Flag combinations the JSON schema cannot express.
+def checkModeParams() {
+    if (params.mode in ['embed', 'finetune'] && !params.checkpoint) {
+        error("--mode ${params.mode} needs --checkpoint (a checkpoint directory or the official models.ckpt)")
+    }
+    if (params.mode == 'finetune' && !params.label_key) {
+        error("--mode finetune needs --label_key: the obs column holding the cell-type labels")
+    }
+    if (params.reference && !params.label_key) {
+        error("--reference needs --label_key: the obs column of the reference holding its labels")
+    }
+    if (params.checkpoint && !params.vocab && params.mode != 'pretrain' && params.checkpoint.toString().endsWith('.ckpt')) {
+        error("--checkpoint ${params.checkpoint} has no vocabulary inside: give --vocab (e.g. OS_scRNA_gene_index.19264.tsv)")
+    }
+}

@@ -1,0 +1,47 @@
+// Trains a cell-type classifier head (and the top encoder layers) on the aligned, labelled samples.
+// The classifier directory is a full checkpoint plus the head, so EMBED uses it as its checkpoint.
+process FINETUNE {
+    tag "${label_key}"
+    label 'process_gpu'
+
+    input:
+    path h5ads, stageAs: 'aligned/*', arity: '1..*'
+    path checkpoint, stageAs: 'base/*'
+    val label_key
+    tuple env('MLFLOW_TRACKING_URI'), env('SCFM_MLFLOW_PARENT_RUN_ID')
+
+    output:
+    path 'classifier', emit: classifier
+    path 'versions.yml', emit: versions
+
+    script:
+    def args = task.ext.args ?: ''
+    """
+    scfm-finetune \\
+        ${h5ads.join(' ')} \\
+        -o classifier \\
+        --checkpoint '${checkpoint}' \\
+        --label-key '${label_key}' \\
+        --unfreeze-layers ${params.unfreeze_layers} \\
+        --epochs ${params.epochs} \\
+        --batch-size ${params.finetune_batch_size} \\
+        --lr ${params.finetune_lr} \\
+        --patience ${params.patience} \\
+        --seed ${params.seed} \\
+        --quiet \\
+        ${args}
+
+    cat <<-END_VERSIONS > versions.yml
+    "${task.process}":
+        scfm: \$(scfm --version | sed 's/.* //')
+        python: \$(python3 --version | sed 's/Python //')
+        torch: \$(python3 -c 'import torch; print(torch.__version__)')
+    END_VERSIONS
+    """
+
+    stub:
+    """
+    mkdir classifier
+    touch classifier/config.json classifier/model.safetensors classifier/labels.json classifier/head.safetensors versions.yml
+    """
+}

@@ -1,0 +1,41 @@
+// One self-contained HTML report (and metrics JSON) over a group of samples: one per batch, one for all.
+process REPORT {
+    tag "${name}"
+    label 'process_medium'
+
+    input:
+    tuple val(name), path(h5ads, stageAs: 'inputs/*', arity: '1..*')
+    tuple env('MLFLOW_TRACKING_URI'), env('SCFM_MLFLOW_PARENT_RUN_ID')
+
+    output:
+    tuple val(name), path("${name}.report.html"), emit: html
+    tuple val(name), path("${name}.metrics.json"), emit: metrics
+    path 'versions.yml', emit: versions
+
+    script:
+    def args = task.ext.args ?: ''
+    def label = params.label_key ? "--label-key '${params.label_key}'" : ''
+    """
+    scfm-report \\
+        ${h5ads.join(' ')} \\
+        -o '${name}.report.html' \\
+        ${label} \\
+        --batch-key ${params.batch_key} \\
+        --metrics-json '${name}.metrics.json' \\
+        --seed ${params.seed} \\
+        --quiet \\
+        ${args}
+
+    cat <<-END_VERSIONS > versions.yml
+    "${task.process}":
+        scfm: \$(scfm --version | sed 's/.* //')
+        python: \$(python3 --version | sed 's/Python //')
+        torch: \$(python3 -c 'import torch; print(torch.__version__)')
+    END_VERSIONS
+    """
+
+    stub:
+    """
+    touch '${name}.report.html' '${name}.metrics.json' versions.yml
+    """
+}

@@ -1,0 +1,116 @@
+/*
+ * scfm: QC -> ALIGN -> (PRETRAIN | FINETUNE | neither) -> EMBED -> ANNOTATE -> REPORT
+ *
+ * --mode embed     embed with --checkpoint
+ * --mode finetune  fine-tune a classifier from --checkpoint on the labelled samples (--label_key),
+ *                  then embed with it and annotate
+ * --mode pretrain  build a vocabulary (or take --vocab), write shards, pretrain, embed with the new
+ *                  checkpoint; with --label_key also fine-tune a classifier from it and annotate
+ *
+ * Annotation runs when a classifier is given (--classifier) or produced (FINETUNE), or with a
+ * reference (--reference + --label_key). Reports: one per batch and one for all samples.
+ */
+
+include { MLFLOW_INIT              } from '../modules/local/mlflow_init'
+include { QC                       } from '../modules/local/qc'
+include { VOCAB_BUILD              } from '../modules/local/vocab'
+include { ALIGN                    } from '../modules/local/align'
+include { PRETRAIN                 } from '../modules/local/pretrain'
+include { FINETUNE                 } from '../modules/local/finetune'
+include { EMBED                    } from '../modules/local/embed'
+include { ANNOTATE                 } from '../modules/local/annotate'
+include { REPORT as REPORT_BATCH   } from '../modules/local/report'
+include { REPORT as REPORT_ALL     } from '../modules/local/report'
+
+workflow SCFM {
+    take:
+    samples     // channel: [ meta (id, batch, condition), counts file or 10x directory ]
+    mlflow_uri  // string: tracking URI every step logs into
+
+    main:
+    def pretraining = params.mode == 'pretrain'
+    def finetuning = params.mode == 'finetune' || (pretraining && params.label_key && !params.classifier && !params.reference)
+
+    // One parent MLflow run for the whole pipeline; every step below nests its run under it.
+    MLFLOW_INIT(mlflow_uri, workflow.runName, workflow.sessionId.toString())
+    tracking = MLFLOW_INIT.out.tracking.first()
+
+    QC(samples, tracking)
+
+    // The vocabulary fixes gene order; a pretrained checkpoint directory carries its own.
+    if (params.vocab) {
+        vocab = channel.value(file(params.vocab, checkIfExists: true))
+    }
+    else if (pretraining) {
+        VOCAB_BUILD(QC.out.h5ad.map { _meta, h5ad -> h5ad }.collect(), tracking)
+        vocab = VOCAB_BUILD.out.vocab.first()
+    }
+    else {
+        vocab = channel.value(file("${params.checkpoint}/vocab.tsv", checkIfExists: true))
+    }
+
+    ALIGN(QC.out.h5ad, vocab, pretraining, tracking)
+
+    if (pretraining) {
+        def init = params.init_checkpoint ? file(params.init_checkpoint, checkIfExists: true) : []
+        PRETRAIN(ALIGN.out.shards.map { _meta, dir -> dir }.collect(), init, tracking)
+        base_checkpoint = PRETRAIN.out.checkpoint.first()
+    }
+    else {
+        base_checkpoint = channel.value(file(params.checkpoint, checkIfExists: true))
+    }
+
+    if (finetuning) {
+        FINETUNE(ALIGN.out.h5ad.map { _meta, h5ad -> h5ad }.collect(), base_checkpoint, params.label_key, tracking)
+        classifier = FINETUNE.out.classifier.first()
+        // the classifier carries the fine-tuned encoder its head was trained on
+        embed_checkpoint = classifier
+    }
+    else {
+        classifier = params.classifier ? channel.value(file(params.classifier, checkIfExists: true)) : channel.value([])
+        embed_checkpoint = base_checkpoint
+    }
+
+    EMBED(ALIGN.out.h5ad, embed_checkpoint, tracking)
+    results = EMBED.out.h5ad
+
+    def annotating = finetuning || params.classifier || (params.reference && params.label_key)
+    if (annotating) {
+        reference = params.reference ? channel.value(file(params.reference, checkIfExists: true)) : channel.value([])
+        ANNOTATE(EMBED.out.h5ad, classifier, reference, tracking)
+        results = ANNOTATE.out.h5ad
+    }
+
+    per_batch = results
+        .map { meta, h5ad -> [meta.batch, h5ad] }
+        .groupTuple(sort: true)
+        .map { batch, h5ads -> ["batch_${batch}", h5ads] }
+    REPORT_BATCH(per_batch, tracking)
+
+    all_samples = results
+        .map { _meta, h5ad -> h5ad }
+        .collect(sort: true)
+        .map { h5ads -> ['all_samples', h5ads] }
+    REPORT_ALL(all_samples, tracking)
+
+    versions = channel.empty()
+        .mix(MLFLOW_INIT.out.versions, QC.out.versions, ALIGN.out.versions, EMBED.out.versions)
+        .mix(REPORT_BATCH.out.versions, REPORT_ALL.out.versions)
+    if (pretraining && !params.vocab) {
+        versions = versions.mix(VOCAB_BUILD.out.versions)
+    }
+    if (pretraining) {
+        versions = versions.mix(PRETRAIN.out.versions)
+    }
+    if (finetuning) {
+        versions = versions.mix(FINETUNE.out.versions)
+    }
+    if (annotating) {
+        versions = versions.mix(ANNOTATE.out.versions)
+    }
+
+    emit:
+    h5ad     = results
+    reports  = REPORT_BATCH.out.html.mix(REPORT_ALL.out.html)
+    versions = versions
+}
