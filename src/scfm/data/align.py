@@ -217,18 +217,23 @@ class GeneAligner:
             "unmatched_examples": [str(m.symbols[i]) for i in top],
         }
 
+    def check_overlap(self, path: str | os.PathLike | None = None) -> None:
+        """ScfmError when no input gene maps to the vocabulary (needs no counts)."""
+        if self.mapping.matched.any():
+            return
+        examples = ", ".join(str(s) for s in self.mapping.symbols[:5])
+        raise ScfmError(
+            f"no gene overlaps the vocabulary ({len(self.mapping.token)} input genes, e.g. {examples}; "
+            f"vocabulary genes e.g. {', '.join(self.vocab.genes[:3])}). Wrong species, or Ensembl ids vs "
+            "symbols? Pass --aliases or use a vocabulary built from this kind of data.",
+            path,
+        )
+
     def check(self, min_coverage: float, path: str | os.PathLike | None = None) -> dict:
         """The coverage report, or ScfmError when nothing or too little matched."""
+        self.check_overlap(path)
         report = self.coverage()
         examples = ", ".join(report["unmatched_examples"][:5])
-        vocab_examples = ", ".join(self.vocab.genes[:3])
-        if report["input_genes_matched"] == 0:
-            raise ScfmError(
-                f"no gene overlaps the vocabulary ({report['n_input_genes']} input genes, e.g. {examples}; "
-                f"vocabulary genes e.g. {vocab_examples}). Wrong species, or Ensembl ids vs symbols? "
-                "Pass --aliases or use a vocabulary built from this kind of data.",
-                path,
-            )
         if report["total_counts"] > 0 and report["fraction_counts_kept"] < min_coverage:
             raise ScfmError(
                 f"coverage {report['fraction_counts_kept']:.3f} is below --min-coverage {min_coverage} "
@@ -357,3 +362,126 @@ def iter_count_chunks(
         for obs, csr, var in source.chunks:
             bar.update(csr.shape[0])
             yield obs, csr, var
+
+
+# ---------------------------------------------------------------------------------- streaming output
+class AlignedH5adWriter:
+    """Write an aligned ``.h5ad`` block by block (``X`` grows on disk; only ``obs`` is kept in memory).
+
+    The file follows anndata's on-disk layout (``X`` a CSR group with ``data``/``indices``/``indptr``),
+    so ``anndata.read_h5ad`` reads it like any other. Write into a temporary path (atomic_output).
+    """
+
+    def __init__(self, path: str | os.PathLike, vocab: Vocabulary):
+        import h5py
+
+        self.vocab = vocab
+        self.file = h5py.File(path, "w")
+        group = self.file.create_group("X")
+        group.attrs["encoding-type"] = "csr_matrix"
+        group.attrs["encoding-version"] = "0.1.0"
+        chunk = 1 << 16
+        self.data = group.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(chunk,))
+        self.indices = group.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(chunk,))
+        self.indptr_values = [np.zeros(1, dtype=np.int64)]
+        self.group = group
+        self.n_rows = 0
+        self.nnz = 0
+        self.obs_blocks: list[pd.DataFrame] = []
+
+    def append(self, csr: sp.csr_matrix, obs: pd.DataFrame) -> None:
+        n = csr.nnz
+        self.data.resize((self.nnz + n,))
+        self.indices.resize((self.nnz + n,))
+        self.data[self.nnz :] = csr.data.astype(np.float32, copy=False)
+        self.indices[self.nnz :] = csr.indices.astype(np.int32, copy=False)
+        self.indptr_values.append(csr.indptr[1:].astype(np.int64) + self.nnz)
+        self.nnz += n
+        self.n_rows += csr.shape[0]
+        self.obs_blocks.append(obs)
+
+    def finish(self, uns_scfm: dict) -> None:
+        from anndata.io import write_elem
+
+        self.group.create_dataset("indptr", data=np.concatenate(self.indptr_values))
+        self.group.attrs["shape"] = np.array([self.n_rows, len(self.vocab)], dtype=np.int64)
+        obs = pd.concat(self.obs_blocks) if self.obs_blocks else pd.DataFrame()
+        write_elem(self.file, "obs", obs)
+        write_elem(self.file, "var", vocab_var(self.vocab))
+        write_elem(self.file, "uns", {"scfm": uns_scfm})
+        for empty in ("obsm", "varm", "obsp", "varp", "layers"):
+            write_elem(self.file, empty, {})
+        self.file.attrs["encoding-type"] = "anndata"
+        self.file.attrs["encoding-version"] = "0.1.0"
+        self.file.close()
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+
+DEFAULT_SHARD_OBS_COLUMNS = ("sample", "batch", "condition")
+
+
+def align_file(
+    input_path: str | os.PathLike,
+    vocab: Vocabulary,
+    *,
+    out_h5ad: str | os.PathLike | None = None,
+    shards_dir: str | os.PathLike | None = None,
+    aliases: Mapping[str, str] | None = None,
+    min_coverage: float = DEFAULT_MIN_COVERAGE,
+    chunk_size: int = 10_000,
+    cells_per_shard: int = 100_000,
+    layer: str | None = None,
+    shard_obs_columns: list[str] | None = None,
+    quiet: bool = True,
+) -> dict:
+    """Stream one input through alignment into an aligned ``.h5ad`` and/or Parquet shards.
+
+    Memory holds one block of ``chunk_size`` cells plus ``obs``. Shards carry ``shard_obs_columns``
+    (default: whichever of sample, batch, condition the input has). Raises ScfmError — leaving no
+    output — on unreadable input, no gene overlap, or coverage below ``min_coverage``.
+    Returns the coverage report.
+    """
+    from contextlib import ExitStack
+
+    from scfm.data.shards import ShardWriter
+    from scfm.utils import atomic_output, progress
+
+    if out_h5ad is None and shards_dir is None:
+        raise ScfmError("nothing to write: give an output .h5ad and/or a shards directory")
+    if chunk_size < 1:
+        raise ScfmError(f"chunk size must be positive, got {chunk_size}")
+    source = open_chunked(input_path, chunk_size=chunk_size, layer=layer)
+    aligner: GeneAligner | None = None
+    with ExitStack() as stack:
+        h5_writer = None
+        if out_h5ad is not None:
+            tmp = stack.enter_context(atomic_output(out_h5ad))
+            h5_writer = AlignedH5adWriter(tmp, vocab)
+            stack.callback(h5_writer.close)
+        shard_writer = None
+        bar = stack.enter_context(
+            progress(total=source.n_cells, desc=f"aligning {Path(input_path).name}", unit="cells", quiet=quiet)
+        )
+        for obs, csr, var in source.chunks:
+            if aligner is None:
+                aligner = GeneAligner(var, vocab, aliases)
+                aligner.check_overlap(input_path)  # fail fast, before reading every block
+            aligned = aligner.apply(csr)
+            if h5_writer is not None:
+                h5_writer.append(aligned, obs)
+            if shards_dir is not None:
+                if shard_writer is None:
+                    columns = shard_obs_columns
+                    if columns is None:
+                        columns = [c for c in DEFAULT_SHARD_OBS_COLUMNS if c in obs.columns]
+                    shard_writer = ShardWriter(shards_dir, vocab, columns, cells_per_shard=cells_per_shard)
+                    stack.enter_context(shard_writer)
+                shard_writer.write(list(obs.index.astype(str)), aligned, obs)
+            bar.update(csr.shape[0])
+        coverage = aligner.check(min_coverage, input_path)
+        if h5_writer is not None:
+            h5_writer.finish(scfm_uns(vocab, source.counts_source, coverage, source.uns_scfm))
+    return coverage
