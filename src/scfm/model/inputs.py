@@ -151,8 +151,12 @@ def _as_csr(block) -> sp.csr_matrix:
     return csr
 
 
-def normalize_counts(block, *, totals=None, pre_normalized: str = "F") -> tuple[sp.csr_matrix, np.ndarray]:
-    """A row block (cells x genes, vocabulary order) -> (normalised CSR float32, raw totals float64)."""
+def normalize_counts(block, *, totals=None, pre_normalized: str = "F", row_offset: int = 0
+                     ) -> tuple[sp.csr_matrix, np.ndarray]:
+    """A row block (cells x genes, vocabulary order) -> (normalised CSR float32, raw totals float64).
+
+    ``row_offset``: the block's first row in the whole input, so that errors name the right cell.
+    """
     if pre_normalized not in PRE_NORMALIZED_CHOICES:
         raise ScfmError(f"pre_normalized must be one of F, T, A, got {pre_normalized!r}")
     csr = _as_csr(block).astype(np.float64)
@@ -165,7 +169,7 @@ def normalize_counts(block, *, totals=None, pre_normalized: str = "F") -> tuple[
         raise ScfmError(f"{totals.shape[0]} totals for {csr.shape[0]} cells")
     bad = np.flatnonzero(~(totals > 0))
     if bad.size:
-        raise ScfmError(f"{bad.size} cell(s) have a total count <= 0 (first: row {int(bad[0])}); "
+        raise ScfmError(f"{bad.size} cell(s) have a total count <= 0 (first: row {int(bad[0]) + row_offset}); "
                         "remove empty cells first (scfm qc does)")
     if pre_normalized == "F":
         row_of = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))

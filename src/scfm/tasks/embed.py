@@ -1,0 +1,402 @@
+"""Batched, length-bucketed, streaming cell embeddings and decoder outputs.
+
+    embed_cells(model, counts, *, totals=None, pool="all", target_depth="t4", pre_normalized="F",
+                batch_size=64, device="auto", precision="auto", progress=None,
+                chunk_size=4096, max_tokens=None, out=None) -> np.ndarray        # (cells, 4d | d)
+    predict_expression(model, counts, *, target_depth="t4", ...) -> np.ndarray  # (cells, n_genes)
+    gene_embeddings(model, counts, *, target_depth="t4", ...) -> np.ndarray     # (cells, n_genes, decoder_dim)
+    embed_file(input_path, output_path, checkpoint, ...) -> dict                 # what `scfm embed` runs
+
+``counts`` is cells x genes in the model's vocabulary order: a scipy CSR matrix, or anything with
+``.shape`` whose row slices ``counts[a:b]`` give a sparse or dense block (e.g. :class:`H5adRows`,
+an ``.h5ad`` matrix read from disk block by block). Cells are processed ``chunk_size`` at a time;
+inside a chunk they are sorted by number of nonzero genes and batched, so padding costs little, and
+the results are written back in input order (into ``out`` when given: an array, memmap or HDF5
+dataset, so that memory does not grow with the number of cells). No dense cells x genes table is
+built for the encoder. Precision ``auto`` is bf16 autocast on CUDA and fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from scfm.errors import ScfmError, ScfmUsageError
+from scfm.model import inputs as model_inputs
+from scfm.model.xtrimogene import POOLS, XTrimoGene
+
+OUTPUT_TYPES = ("cell", "gene", "gene-expression")
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _unwrap(model) -> XTrimoGene:
+    return getattr(model, "model", model)  # a LoadedModel works too
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ScfmError("--device cuda was requested but no CUDA device is available")
+    if device not in DEVICES:
+        raise ScfmError(f"unknown device {device!r} (choose from {', '.join(DEVICES)})")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ScfmError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _row_block(counts, start: int, stop: int) -> sp.csr_matrix:
+    block = counts[start:stop]
+    return block if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+
+
+def _chunk_inputs(counts, start, stop, totals, pre_normalized, target_depth):
+    block = _row_block(counts, start, stop)
+    chunk_totals = None if totals is None else np.asarray(totals)[start:stop]
+    normalised, raw_totals = model_inputs.normalize_counts(block, totals=chunk_totals, pre_normalized=pre_normalized,
+                                                           row_offset=start)
+    target, source = model_inputs.depth_tokens(raw_totals, target_depth)
+    return normalised, target, source
+
+
+def embed_cells(
+    model,
+    counts,
+    *,
+    totals=None,
+    pool: str = "all",
+    target_depth: str = "t4",
+    pre_normalized: str = "F",
+    batch_size: int = 64,
+    device: str = "auto",
+    precision: str = "auto",
+    progress=None,
+    chunk_size: int = 4096,
+    max_tokens: int | None = None,
+    out=None,
+) -> np.ndarray:
+    """Cell embeddings (cells, 4*d) for ``pool="all"`` or (cells, d) for ``"max"``, float32.
+
+    ``progress``: an object with ``update(n_cells)`` (e.g. ``scfm.utils.progress(total=n)``) or None.
+    ``max_tokens`` caps cells x padded length per batch (defaults to ``batch_size`` x 2048).
+    """
+    net = _unwrap(model)
+    if pool not in POOLS:
+        raise ScfmError(f"unknown pool {pool!r} (choose from {', '.join(POOLS)})")
+    model_inputs.parse_target_depth(target_depth)
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    n_cells, n_genes = counts.shape
+    _check_width(n_genes, net.config.n_genes)
+    dim = net.config.encoder_dim * (4 if pool == "all" else 1)
+    if out is None:
+        out = np.empty((n_cells, dim), dtype=np.float32)
+    max_tokens = max_tokens or batch_size * 2048
+    was_training = net.training
+    net.eval().to(dev)
+    try:
+        with torch.no_grad(), _autocast(dev, prec):
+            for start in range(0, n_cells, chunk_size):
+                stop = min(start + chunk_size, n_cells)
+                normalised, target, source = _chunk_inputs(counts, start, stop, totals, pre_normalized, target_depth)
+                n_tokens = np.diff(normalised.indptr) + 2  # upper bound (positives only are kept)
+                result = np.empty((stop - start, dim), dtype=np.float32)
+                for rows in model_inputs.length_buckets(n_tokens, batch_size, max_tokens):
+                    enc = model_inputs.encoder_inputs_from_csr(normalised, target, source, net.config, rows).to(dev)
+                    encoded = net.encode(enc.values, enc.gene_ids, enc.padding_mask)
+                    result[rows] = net.cell_embedding(encoded, enc, pool).float().cpu().numpy()
+                    if progress is not None:
+                        progress.update(len(rows))
+                out[start:stop] = result
+    finally:
+        net.train(was_training)
+    return out
+
+
+def _check_width(n_genes: int, expected: int) -> None:
+    if n_genes != expected:
+        raise ScfmError(f"the matrix has {n_genes} genes but the model's vocabulary has {expected}; "
+                        "align the input to the checkpoint's vocabulary first (scfm align)")
+
+
+def _decoder_pass(model, counts, kind, *, totals, target_depth, pre_normalized, batch_size, device, precision,
+                  progress, chunk_size, out):
+    net = _unwrap(model)
+    model_inputs.parse_target_depth(target_depth)
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    n_cells, n_genes = counts.shape
+    cfg = net.config
+    _check_width(n_genes, cfg.n_genes)
+    shape = (n_cells, cfg.n_genes) if kind == "expression" else (n_cells, cfg.n_genes, cfg.decoder_dim)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    was_training = net.training
+    net.eval().to(dev)
+    try:
+        with torch.no_grad(), _autocast(dev, prec):
+            for start in range(0, n_cells, chunk_size):
+                stop = min(start + chunk_size, n_cells)
+                normalised, target, source = _chunk_inputs(counts, start, stop, totals, pre_normalized, target_depth)
+                for first in range(0, stop - start, batch_size):
+                    rows = np.arange(first, min(first + batch_size, stop - start))
+                    batch = model_inputs.decoder_batch_from_csr(normalised, target, source, cfg, rows).to(dev)
+                    enc = batch.encoder
+                    genes = net.decode(net.encode(enc.values, enc.gene_ids, enc.padding_mask), batch)
+                    if kind == "expression":
+                        values = net.head(genes).squeeze(-1)[:, : cfg.n_genes]
+                    else:
+                        values = genes[:, : cfg.n_genes]
+                    out[start + first : start + first + len(rows)] = values.float().cpu().numpy()
+                    if progress is not None:
+                        progress.update(len(rows))
+    finally:
+        net.train(was_training)
+    return out
+
+
+def predict_expression(model, counts, *, target_depth: str = "t4", totals=None, pre_normalized: str = "F",
+                       batch_size: int = 4, device: str = "auto", precision: str = "auto", progress=None,
+                       chunk_size: int = 1024, out=None) -> np.ndarray:
+    """The decoder's expression output (cells, n_genes), float32, at the requested target depth.
+
+    Values are on the model's scale (log1p of counts per 10k at depth T); ``scfm enhance`` uses the
+    ``rde`` model with e.g. ``target_depth="a1"``. The decoder covers every gene, so cells go through
+    it ``batch_size`` at a time.
+    """
+    return _decoder_pass(model, counts, "expression", totals=totals, target_depth=target_depth,
+                         pre_normalized=pre_normalized, batch_size=batch_size, device=device, precision=precision,
+                         progress=progress, chunk_size=chunk_size, out=out)
+
+
+def gene_embeddings(model, counts, *, target_depth: str = "t4", totals=None, pre_normalized: str = "F",
+                    batch_size: int = 2, device: str = "auto", precision: str = "auto", progress=None,
+                    chunk_size: int = 1024, out=None) -> np.ndarray:
+    """Context-specific gene embeddings (cells, n_genes, decoder_dim) from the decoder, float32."""
+    return _decoder_pass(model, counts, "gene", totals=totals, target_depth=target_depth,
+                         pre_normalized=pre_normalized, batch_size=batch_size, device=device, precision=precision,
+                         progress=progress, chunk_size=chunk_size, out=out)
+
+
+# -------------------------------------------------------------------------------- .h5ad streaming
+class H5adRows:
+    """Row blocks of an ``.h5ad`` matrix (CSR group or dense dataset) read from disk on demand."""
+
+    def __init__(self, node, path):
+        import h5py
+
+        self.node, self.path = node, path
+        if isinstance(node, h5py.Dataset):
+            self.dense = True
+            self.shape = tuple(node.shape)
+        else:
+            encoding = node.attrs.get("encoding-type", "")
+            if isinstance(encoding, bytes):
+                encoding = encoding.decode()
+            if encoding != "csr_matrix":
+                raise ScfmError(f"X is stored as {encoding or 'an unknown type'}; expected CSR (run scfm align)", path)
+            self.dense = False
+            self.shape = tuple(int(x) for x in node.attrs["shape"])
+            self.indptr = node["indptr"]
+
+    def __getitem__(self, rows: slice) -> sp.csr_matrix:
+        start, stop, _ = rows.indices(self.shape[0])
+        if self.dense:
+            return sp.csr_matrix(np.asarray(self.node[start:stop], dtype=np.float32))
+        ptr = np.asarray(self.indptr[start : stop + 1], dtype=np.int64)
+        data = np.asarray(self.node["data"][ptr[0] : ptr[-1]], dtype=np.float32)
+        indices = np.asarray(self.node["indices"][ptr[0] : ptr[-1]], dtype=np.int64)
+        return sp.csr_matrix((data, indices, ptr - ptr[0]), shape=(stop - start, self.shape[1]))
+
+
+def _is_aligned(path: Path, vocab) -> bool:
+    import h5py
+    from anndata.io import read_elem
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "var" not in f or "X" not in f:
+                return False
+            var = read_elem(f["var"])
+            return list(map(str, var.index)) == vocab.genes
+    except OSError:
+        return False
+
+
+def _array_attrs(dataset) -> None:
+    dataset.attrs["encoding-type"] = "array"
+    dataset.attrs["encoding-version"] = "0.2.0"
+
+
+def _new_h5_array(handle, key: str, shape):
+    group_name, name = key.split("/")
+    group = handle.require_group(group_name)
+    if not group.attrs.get("encoding-type"):
+        group.attrs["encoding-type"] = "dict"
+        group.attrs["encoding-version"] = "0.1.0"
+    if name in group:
+        del group[name]
+    chunks = (min(shape[0], 256),) + tuple(shape[1:]) if shape[0] else None
+    dataset = group.create_dataset(name, shape=shape, dtype=np.float32, chunks=chunks)
+    _array_attrs(dataset)
+    return dataset
+
+
+def _write_uns_embed(handle, settings: dict) -> None:
+    from anndata.io import read_elem, write_elem
+
+    scfm = dict(read_elem(handle["uns/scfm"])) if "uns/scfm" in handle else {}
+    scfm["embed"] = settings
+    if "uns" not in handle:
+        write_elem(handle, "uns", {})
+    if "scfm" in handle["uns"]:
+        del handle["uns"]["scfm"]
+    write_elem(handle["uns"], "scfm", scfm)
+
+
+def _obs_totals(handle, path) -> np.ndarray:
+    from anndata.io import read_elem
+
+    obs = read_elem(handle["obs"])
+    if "total_counts" not in obs.columns:
+        raise ScfmError("--pre-normalized A needs each cell's raw total count in obs['total_counts']", path)
+    return obs["total_counts"].to_numpy(dtype=np.float64)
+
+
+def embed_file(
+    input_path,
+    output_path,
+    checkpoint,
+    *,
+    vocab=None,
+    output_type: str = "cell",
+    pool: str = "all",
+    target_depth: str = "t4",
+    pre_normalized: str = "F",
+    version: str = "ce",
+    batch_size: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    chunk_size: int = 4096,
+    min_coverage: float = 0.3,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Align INPUT to the checkpoint's vocabulary (unless it already is), embed, write OUTPUT atomically.
+
+    ``.h5ad`` OUTPUT = the aligned data + ``obsm['X_scfm']`` (cell) or ``layers['scfm_expr']``
+    (gene-expression), with every setting in ``uns['scfm']['embed']``. ``.npy`` OUTPUT = the array only
+    (the only choice for ``gene``: cells x genes x decoder_dim). Returns the settings and timings.
+    """
+    import h5py
+
+    from scfm import __version__
+    from scfm.data.align import align_file
+    from scfm.model.checkpoint import load_checkpoint
+    from scfm.utils import atomic_output, progress as progress_bar
+
+    input_path, output_path = Path(input_path), Path(output_path)
+    if output_type not in OUTPUT_TYPES:
+        raise ScfmUsageError(f"unknown output type {output_type!r} (choose from {', '.join(OUTPUT_TYPES)})")
+    suffix = output_path.suffix.lower()
+    if suffix not in (".h5ad", ".npy"):
+        raise ScfmUsageError(f"output must end in .h5ad or .npy, got {output_path.name!r}")
+    if output_type == "gene" and suffix != ".npy":
+        raise ScfmUsageError("--output-type gene writes cells x genes x dims: give an OUT ending in .npy")
+    if not input_path.exists():
+        raise ScfmError("input not found", input_path)
+    if input_path.suffix.lower() != ".h5ad" and pre_normalized != "F":
+        raise ScfmError("pre-normalized input (T or A) must be an .h5ad already aligned to the vocabulary", input_path)
+    model_inputs.parse_target_depth(target_depth)
+    if pre_normalized not in model_inputs.PRE_NORMALIZED_CHOICES:
+        raise ScfmUsageError(f"pre_normalized must be one of F, T, A, got {pre_normalized!r}")
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    if batch_size is None:
+        batch_size = 64 if output_type == "cell" else 2
+
+    loaded = load_checkpoint(checkpoint, version=version, vocab=vocab)
+    net, vocab_obj = loaded.model, loaded.vocab
+    settings: dict[str, Any] = {
+        "checkpoint": str(checkpoint), "checkpoint_source": loaded.source.split(":")[0], "version": version,
+        "output_type": output_type, "pool": pool, "target_depth": target_depth, "pre_normalized": pre_normalized,
+        "batch_size": batch_size, "device": str(dev), "precision": prec, "chunk_size": chunk_size,
+        "vocab_sha256": vocab_obj.sha256, "n_genes": len(vocab_obj), "scfm_version": __version__,
+        "model": loaded.config.to_dict(),
+    }
+
+    with atomic_output(output_path) as tmp, tempfile.TemporaryDirectory(dir=output_path.parent, prefix=".scfm-embed-") as scratch:
+        aligned_already = input_path.suffix.lower() == ".h5ad" and _is_aligned(input_path, vocab_obj)
+        if suffix == ".h5ad":
+            staged = tmp
+        else:
+            staged = input_path if aligned_already else Path(scratch) / "aligned.h5ad"
+        if aligned_already:
+            if staged != input_path:
+                shutil.copyfile(input_path, staged)
+        elif pre_normalized != "F":
+            raise ScfmError("pre-normalized input (T or A) must already be aligned to the checkpoint's vocabulary "
+                            "(var_names in vocabulary order)", input_path)
+        else:
+            coverage = align_file(input_path, vocab_obj, out_h5ad=staged, min_coverage=min_coverage,
+                                  chunk_size=max(chunk_size, 1), quiet=quiet)
+            settings["coverage"] = coverage["fraction_counts_kept"]
+        settings["aligned_input"] = aligned_already
+
+        mode = "r" if staged == input_path else "r+"
+        with h5py.File(staged, mode) as handle:
+            rows = H5adRows(handle["X"], input_path)
+            n_cells = rows.shape[0]
+            totals = _obs_totals(handle, input_path) if pre_normalized == "A" else None
+            if output_type == "cell":
+                shape = (n_cells, net.config.encoder_dim * (4 if pool == "all" else 1))
+            elif output_type == "gene-expression":
+                shape = (n_cells, net.config.n_genes)
+            else:
+                shape = (n_cells, net.config.n_genes, net.config.decoder_dim)
+            if suffix == ".npy":
+                target = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+            else:
+                target = _new_h5_array(handle, "obsm/X_scfm" if output_type == "cell" else "layers/scfm_expr", shape)
+            common = dict(totals=totals, target_depth=target_depth, pre_normalized=pre_normalized,
+                          batch_size=batch_size, device=str(dev), precision=prec, chunk_size=chunk_size, out=target)
+            started = time.perf_counter()
+            with progress_bar(total=n_cells, desc="embedding", unit="cells", quiet=quiet) as bar:
+                try:
+                    if output_type == "cell":
+                        embed_cells(net, rows, pool=pool, progress=bar, **common)
+                    elif output_type == "gene-expression":
+                        predict_expression(net, rows, progress=bar, **common)
+                    else:
+                        gene_embeddings(net, rows, progress=bar, **common)
+                except ScfmError as exc:
+                    raise ScfmError(exc.message, input_path) from exc
+            seconds = time.perf_counter() - started
+            settings.update(n_cells=n_cells, output_shape=list(shape))
+            if suffix == ".npy":
+                target.flush()
+                del target
+            else:
+                _write_uns_embed(handle, settings)
+    return {**settings, "seconds": seconds, "cells_per_s": n_cells / seconds if seconds > 0 else 0.0}
