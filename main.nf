@@ -18,14 +18,17 @@ workflow {
     checkModeParams()
 
     // samplesheet rows -> [ meta (id, batch, condition), counts ]; a sample without a batch is its own batch
-    samples = channel
-        .fromList(samplesheetToList(params.input, "${projectDir}/assets/schema_input.json"))
-        .map { meta, counts -> [meta + [batch: meta.batch ?: meta.id], counts] }
+    def rows = samplesheetToList(params.input, "${projectDir}/assets/schema_input.json")
+        .collect { meta, counts -> [meta + [batch: meta.batch ?: meta.id], counts] }
+    def finetune_sample = params.finetune_sample ?: rows[0][0].id
+    if (!rows.any { row -> row[0].id == finetune_sample }) {
+        error("--finetune_sample ${finetune_sample} is not a sample of ${params.input}")
+    }
 
     // SQLite needs an absolute path: tasks run in their own work directories
     def mlflow_uri = params.mlflow_uri ?: "sqlite:///${file(params.outdir).toAbsolutePath()}/mlflow/mlflow.db"
 
-    SCFM(samples, mlflow_uri)
+    SCFM(channel.fromList(rows), mlflow_uri, finetune_sample)
 
     SCFM.out.versions
         .unique()

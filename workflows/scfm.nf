@@ -2,8 +2,8 @@
  * scfm: QC -> ALIGN -> (PRETRAIN | FINETUNE | neither) -> EMBED -> ANNOTATE -> REPORT
  *
  * --mode embed     embed with --checkpoint
- * --mode finetune  fine-tune a classifier from --checkpoint on the labelled samples (--label_key),
- *                  then embed with it and annotate
+ * --mode finetune  fine-tune a classifier from --checkpoint on one labelled sample (--label_key,
+ *                  --finetune_sample, default the samplesheet's first), then embed with it and annotate
  * --mode pretrain  build a vocabulary (or take --vocab), write shards, pretrain, embed with the new
  *                  checkpoint; with --label_key also fine-tune a classifier from it and annotate
  *
@@ -24,8 +24,9 @@ include { REPORT as REPORT_ALL     } from '../modules/local/report'
 
 workflow SCFM {
     take:
-    samples     // channel: [ meta (id, batch, condition), counts file or 10x directory ]
-    mlflow_uri  // string: tracking URI every step logs into
+    samples          // channel: [ meta (id, batch, condition), counts file or 10x directory ]
+    mlflow_uri       // string: tracking URI every step logs into
+    finetune_sample  // string: id of the labelled sample the classifier is trained on
 
     main:
     def pretraining = params.mode == 'pretrain'
@@ -53,7 +54,7 @@ workflow SCFM {
 
     if (pretraining) {
         def init = params.init_checkpoint ? file(params.init_checkpoint, checkIfExists: true) : []
-        PRETRAIN(ALIGN.out.shards.map { _meta, dir -> dir }.collect(), init, tracking)
+        PRETRAIN(ALIGN.out.shards.map { _meta, dir -> dir }.collect(), vocab, init, tracking)
         base_checkpoint = PRETRAIN.out.checkpoint.first()
     }
     else {
@@ -61,7 +62,8 @@ workflow SCFM {
     }
 
     if (finetuning) {
-        FINETUNE(ALIGN.out.h5ad.map { _meta, h5ad -> h5ad }.collect(), base_checkpoint, params.label_key, tracking)
+        training = ALIGN.out.h5ad.filter { meta, _h5ad -> meta.id == finetune_sample }
+        FINETUNE(training, base_checkpoint, vocab, params.label_key, tracking)
         classifier = FINETUNE.out.classifier.first()
         // the classifier carries the fine-tuned encoder its head was trained on
         embed_checkpoint = classifier
@@ -71,7 +73,7 @@ workflow SCFM {
         embed_checkpoint = base_checkpoint
     }
 
-    EMBED(ALIGN.out.h5ad, embed_checkpoint, tracking)
+    EMBED(ALIGN.out.h5ad, embed_checkpoint, vocab, tracking)
     results = EMBED.out.h5ad
 
     def annotating = finetuning || params.classifier || (params.reference && params.label_key)
@@ -81,16 +83,19 @@ workflow SCFM {
         results = ANNOTATE.out.h5ad
     }
 
-    per_batch = results
-        .map { meta, h5ad -> [meta.batch, h5ad] }
+    // each result with its sample's QC summary: [ meta, h5ad, qc.json ]
+    with_qc = results.join(QC.out.summary)
+
+    per_batch = with_qc
+        .map { meta, h5ad, summary -> [meta.batch, h5ad, summary] }
         .groupTuple(sort: true)
-        .map { batch, h5ads -> ["batch_${batch}", h5ads] }
+        .map { batch, h5ads, summaries -> ["batch_${batch}", h5ads, summaries] }
     REPORT_BATCH(per_batch, tracking)
 
-    all_samples = results
-        .map { _meta, h5ad -> h5ad }
-        .collect(sort: true)
-        .map { h5ads -> ['all_samples', h5ads] }
+    all_samples = with_qc
+        .map { _meta, h5ad, summary -> [h5ad, summary] }
+        .toList()
+        .map { pairs -> ['all_samples', pairs.collect { pair -> pair[0] }.sort(), pairs.collect { pair -> pair[1] }.sort()] }
     REPORT_ALL(all_samples, tracking)
 
     versions = channel.empty()

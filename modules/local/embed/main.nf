@@ -6,6 +6,7 @@ process EMBED {
     input:
     tuple val(meta), path(h5ad)
     path checkpoint, stageAs: 'model/*'
+    path vocab
     tuple env('MLFLOW_TRACKING_URI'), env('SCFM_MLFLOW_PARENT_RUN_ID')
 
     output:
@@ -20,8 +21,10 @@ process EMBED {
     scfm-embed '${h5ad}' \\
         -o '${prefix}.embedded.h5ad' \\
         --checkpoint '${checkpoint}' \\
+        --vocab '${vocab}' \\
         --output-type ${params.output_type} \\
         --pool ${params.pool} \\
+        --target-depth ${params.target_depth} \\
         --pre-normalized ${params.pre_normalized} \\
         --version ${params.model_version} \\
         --batch-size ${params.embed_batch_size} \\

@@ -1,12 +1,13 @@
-// Trains a cell-type classifier head (and the top encoder layers) on the aligned, labelled samples.
+// Trains a cell-type classifier head (and the top encoder layers) on one aligned, labelled sample.
 // The classifier directory is a full checkpoint plus the head, so EMBED uses it as its checkpoint.
 process FINETUNE {
-    tag "${label_key}"
+    tag "${meta.id}"
     label 'process_gpu'
 
     input:
-    path h5ads, stageAs: 'aligned/*', arity: '1..*'
+    tuple val(meta), path(h5ad)
     path checkpoint, stageAs: 'base/*'
+    path vocab
     val label_key
     tuple env('MLFLOW_TRACKING_URI'), env('SCFM_MLFLOW_PARENT_RUN_ID')
 
@@ -18,9 +19,11 @@ process FINETUNE {
     def args = task.ext.args ?: ''
     """
     scfm-finetune \\
-        ${h5ads.join(' ')} \\
+        '${h5ad}' \\
         -o classifier \\
         --checkpoint '${checkpoint}' \\
+        --version ${params.model_version} \\
+        --vocab '${vocab}' \\
         --label-key '${label_key}' \\
         --unfreeze-layers ${params.unfreeze_layers} \\
         --epochs ${params.epochs} \\

@@ -9,6 +9,7 @@ process PRETRAIN {
 
     input:
     path shards, stageAs: 'shards/*', arity: '1..*'
+    path vocab
     path init_checkpoint, stageAs: 'init/*'
     tuple env('MLFLOW_TRACKING_URI'), env('SCFM_MLFLOW_PARENT_RUN_ID')
 
@@ -33,6 +34,7 @@ process PRETRAIN {
     ${launcher} scfm-pretrain \\
         ${shard_flags} \\
         -o checkpoint \\
+        --vocab '${vocab}' \\
         --model-preset ${params.model_preset} \\
         ${init} \\
         --zero-stage ${params.zero_stage} \\

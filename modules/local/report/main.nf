@@ -4,7 +4,7 @@ process REPORT {
     label 'process_medium'
 
     input:
-    tuple val(name), path(h5ads, stageAs: 'inputs/*', arity: '1..*')
+    tuple val(name), path(h5ads, stageAs: 'inputs/*', arity: '1..*'), path(qc_summaries, stageAs: 'qc/*', arity: '1..*')
     tuple env('MLFLOW_TRACKING_URI'), env('SCFM_MLFLOW_PARENT_RUN_ID')
 
     output:
@@ -15,11 +15,13 @@ process REPORT {
     script:
     def args = task.ext.args ?: ''
     def label = params.label_key ? "--label-key '${params.label_key}'" : ''
+    def qc = qc_summaries.collect { summary -> "--qc-json '${summary}'" }.join(' ')
     """
     scfm-report \\
         ${h5ads.join(' ')} \\
         -o '${name}.report.html' \\
         ${label} \\
+        ${qc} \\
         --batch-key ${params.batch_key} \\
         --metrics-json '${name}.metrics.json' \\
         --seed ${params.seed} \\

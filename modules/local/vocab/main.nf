@@ -18,6 +18,8 @@ process VOCAB_BUILD {
         ${h5ads.join(' ')} \\
         -o vocab.tsv \\
         --min-cells ${params.vocab_min_cells} \\
+        --seed ${params.seed} \\
+        --quiet \\
         ${args}
 
     cat <<-END_VERSIONS > versions.yml

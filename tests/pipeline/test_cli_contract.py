@@ -1,0 +1,277 @@
+"""The pipeline and the CLIs it wraps agree: commands, flags, positional arguments and parameters.
+
+Each process's `script:` block calls one `bin/scfm-<step>` executable; every flag it (or its
+`ext.args` in conf/modules.config) passes must exist on that click command, every required option
+must be passed, and a single-valued positional argument must get exactly one value. Every
+`params.*` used anywhere must be declared in nextflow.config and described in nextflow_schema.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import pytest
+
+from scfm.cli import cli
+
+REPO = Path(__file__).resolve().parents[2]
+MODULES = sorted((REPO / "modules" / "local").glob("*/main.nf"))
+
+# flags of the launchers wrapped around scfm-pretrain, not of scfm itself
+LAUNCHER_FLAGS = {"--standalone", "--nnodes", "--nproc_per_node", "--no-python", "--kill-on-bad-exit"}
+STEP_FLAGS = {"--seed", "--quiet"}  # every step passes these; --mlflow-uri comes from MLFLOW_TRACKING_URI
+
+
+@dataclass
+class Process:
+    name: str
+    module: Path
+    groovy: str  # the script: section before its shell string (flag-building defs)
+    shell: str  # the shell string, without the versions.yml heredoc
+    ext_args: str = ""
+    words: list[str] = field(default_factory=list)  # the scfm command line, split in words
+
+
+def _section(text: str, start: str, ends: tuple[str, ...]) -> str:
+    begin = text.index(start) + len(start)
+    stops = [text.find(end, begin) for end in ends]
+    stops = [s for s in stops if s != -1]
+    return text[begin : min(stops) if stops else len(text)]
+
+
+def parse_process(path: Path) -> Process:
+    text = path.read_text()
+    name = re.search(r"^process\s+(\w+)\s*\{", text, re.M).group(1)
+    script = _section(text, "script:", ("stub:", "\n}\n"))
+    groovy, _, rest = script.partition('"""')
+    shell = rest.rsplit('"""', 1)[0]
+    shell = re.sub(r"cat <<-END_VERSIONS.*?END_VERSIONS", "", shell, flags=re.S)
+    return Process(name, path, groovy, shell)
+
+
+def modules_config_ext_args() -> dict[str, str]:
+    """``withName: 'QC' { ext.args = ... }`` → {"QC": "<the ext.args expression>"}."""
+    text = (REPO / "conf" / "modules.config").read_text()
+    found = {}
+    for match in re.finditer(r"withName:\s*'([^']+)'\s*\{", text):
+        depth, i = 1, match.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        body = text[match.end() : i]
+        args = re.search(r"ext\.args\s*=\s*(\{.*?\n        \}|\{.*?\}|\".*?\"|'.*?')", body, re.S)
+        if args:
+            for process in match.group(1).split("|"):
+                found[process] = args.group(1)
+    return found
+
+
+def command_words(shell: str) -> list[str]:
+    """The words of the one scfm-<step> call in a shell script (line continuations joined)."""
+    joined = re.sub(r"\\\\\s*\n", " ", shell)
+    calls = [line for line in joined.splitlines() if re.search(r"(^|[\s(])scfm-[a-z-]+", line)]
+    assert len(calls) == 1, f"expected one scfm-<step> call, found {len(calls)}: {calls}"
+    line = calls[0]
+    line = line[line.index("scfm-") :]
+    line = re.split(r"\s(?:\||;|&&|\))", line)[0]  # stop at a pipe, ; or the end of $( )
+    # a word: quoted strings, ${groovy expressions} (which may hold spaces) and other characters, glued
+    return re.findall(r"(?:\$\{[^}]*\}|'[^']*'|\"[^\"]*\"|[^\s'\"$]|\$)+", line)
+
+
+def resolve_command(words: list[str]) -> tuple[click.Command, list[str], list[str]]:
+    """``scfm-vocab build a b -o x`` → (the `vocab build` command, its path, the words after it)."""
+    executable = words[0]
+    bin_file = REPO / "bin" / executable
+    assert bin_file.exists(), f"{executable} is not in bin/"
+    step = re.search(r"run_step\(\"([^\"]+)\"\)", bin_file.read_text()).group(1)
+    command: click.Command = cli
+    path = []
+    for part in step.split():
+        assert isinstance(command, click.Group) and part in command.commands, f"scfm has no command {step!r}"
+        command = command.commands[part]
+        path.append(part)
+    rest = words[1:]
+    while isinstance(command, click.Group):
+        assert rest and rest[0] in command.commands, f"{executable}: no subcommand among {rest[:1]}"
+        command = command.commands[rest[0]]
+        path.append(rest[0])
+        rest = rest[1:]
+    return command, path, rest
+
+
+def option_names(command: click.Command) -> set[str]:
+    return {o for p in command.params if isinstance(p, click.Option) for o in p.opts + p.secondary_opts}
+
+
+def groovy_flags(text: str) -> set[str]:
+    """Flags inside string literals of Groovy code (the defs that build optional flags, ext.args)."""
+    literals = re.findall(r"\"[^\"\n]*\"|'[^'\n]*'", text)
+    return {flag for lit in literals for flag in re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", lit)} - LAUNCHER_FLAGS
+
+
+def shell_flags(words: list[str]) -> set[str]:
+    return {w for w in words if re.fullmatch(r"--?[A-Za-z][\w-]*", w)}
+
+
+def positionals(command: click.Command, words: list[str]) -> list[str]:
+    """Words that are not options nor option values, in order."""
+    takes_value = {o for p in command.params if isinstance(p, click.Option) and not p.is_flag for o in p.opts}
+    out, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in takes_value:
+            skip = True
+        elif re.fullmatch(r"\$\{\w+\}", word):
+            pass  # a Groovy variable holding optional flags (`def batch = ... ? "--batch ..." : ''`)
+        elif not word.startswith("-"):
+            out.append(word)
+    return out
+
+
+PROCESSES = [parse_process(m) for m in MODULES]
+EXT_ARGS = modules_config_ext_args()
+
+
+def test_every_module_is_parsed():
+    assert len(PROCESSES) >= 9
+    assert {p.name for p in PROCESSES} >= {"MLFLOW_INIT", "QC", "VOCAB_BUILD", "ALIGN", "PRETRAIN", "FINETUNE",
+                                            "EMBED", "ANNOTATE", "REPORT"}
+
+
+def test_ext_args_only_for_known_processes():
+    known = {p.name for p in PROCESSES} | {"REPORT_BATCH", "REPORT_ALL"}
+    assert set(EXT_ARGS) <= known, set(EXT_ARGS) - known
+
+
+@pytest.mark.parametrize("process", PROCESSES, ids=lambda p: p.name)
+def test_script_calls_existing_command_with_existing_flags(process):
+    words = command_words(process.shell)
+    command, path, rest = resolve_command(words)
+    available = option_names(command) | {"-h", "--help"}
+    used = shell_flags(rest) | groovy_flags(process.groovy) | groovy_flags(EXT_ARGS.get(process.name, ""))
+    unknown = sorted(used - available)
+    assert not unknown, f"{process.module}: scfm {' '.join(path)} has no {unknown}"
+    # the `--flag` words in the shell line come only from the command's own options
+    assert shell_flags(rest) <= available
+
+
+@pytest.mark.parametrize("process", PROCESSES, ids=lambda p: p.name)
+def test_script_passes_required_options(process):
+    command, path, rest = resolve_command(command_words(process.shell))
+    used = shell_flags(rest) | groovy_flags(process.groovy)
+    missing = [p.opts for p in command.params if isinstance(p, click.Option) and p.required and not set(p.opts) & used]
+    assert not missing, f"{process.module}: scfm {' '.join(path)} requires {missing}"
+
+
+@pytest.mark.parametrize("process", PROCESSES, ids=lambda p: p.name)
+def test_positional_arguments_match_arity(process):
+    command, path, rest = resolve_command(command_words(process.shell))
+    given = positionals(command, rest)
+    arguments = [p for p in command.params if isinstance(p, click.Argument)]
+    if not arguments:
+        assert not given, f"{process.module}: scfm {' '.join(path)} takes no positional arguments, got {given}"
+        return
+    variadic = any(a.nargs == -1 for a in arguments)
+    if variadic:
+        assert given, f"{process.module}: scfm {' '.join(path)} needs input files"
+    else:
+        # one word per argument; a Groovy list spliced in (`${xs.join(' ')}`) would be several files
+        assert len(given) == len(arguments), f"{process.module}: {given} for {[a.name for a in arguments]}"
+        assert not any(".join(" in word for word in given), f"{process.module}: a list passed to {arguments}"
+
+
+@pytest.mark.parametrize("process", [p for p in PROCESSES if p.name != "MLFLOW_INIT"], ids=lambda p: p.name)
+def test_every_step_passes_seed_and_quiet(process):
+    assert STEP_FLAGS <= shell_flags(command_words(process.shell))
+
+
+@pytest.mark.parametrize("process", PROCESSES, ids=lambda p: p.name)
+def test_process_emits_versions_and_has_a_stub(process):
+    text = process.module.read_text()
+    assert re.search(r"path\s+'versions\.yml',\s*emit:\s*versions", text)
+    assert "stub:" in text
+    assert re.search(r"^\s+tag\s", text, re.M) and re.search(r"^\s+label\s+'process_\w+'", text, re.M)
+
+
+def test_versions_command_exists():
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("scfm")
+
+
+# -- params ----------------------------------------------------------------------------------------
+def used_params() -> dict[str, set[str]]:
+    files = [REPO / "main.nf", REPO / "nextflow.config", *(REPO / "workflows").glob("*.nf"),
+             *(REPO / "modules").rglob("*.nf"), *(REPO / "conf").glob("*.config")]
+    used: dict[str, set[str]] = {}
+    for f in files:
+        for name in re.findall(r"\bparams\.([A-Za-z_]\w*)", f.read_text()):
+            used.setdefault(name, set()).add(f.relative_to(REPO).as_posix())
+    return used
+
+
+def config_params(path: Path) -> dict[str, str]:
+    """``name = value`` lines of the top-level ``params { }`` block."""
+    text = path.read_text()
+    block = _section(text, "params {", ("\n}\n",))
+    return dict(re.findall(r"^\s{4}(\w+)\s*=\s*(.+?)\s*$", block, re.M))
+
+
+def schema_params() -> dict[str, dict]:
+    schema = json.loads((REPO / "nextflow_schema.json").read_text())
+    return {name: spec for group in schema["$defs"].values() for name, spec in group["properties"].items()}
+
+
+def test_every_used_param_is_declared_and_described():
+    declared, described = config_params(REPO / "nextflow.config"), schema_params()
+    for name, where in sorted(used_params().items()):
+        assert name in declared, f"params.{name} (used in {sorted(where)}) is not set in nextflow.config"
+        assert name in described, f"params.{name} (used in {sorted(where)}) is not in nextflow_schema.json"
+
+
+def test_config_and_schema_list_the_same_params_with_the_same_defaults():
+    declared, described = config_params(REPO / "nextflow.config"), schema_params()
+    assert set(declared) == set(described), set(declared) ^ set(described)
+    for name, literal in declared.items():
+        default = described[name].get("default")
+        value = None if literal == "null" else json.loads(literal.replace("'", '"'))
+        assert value == default, f"{name}: nextflow.config says {literal}, schema says {default!r}"
+
+
+def test_profile_params_are_declared():
+    declared = config_params(REPO / "nextflow.config")
+    for config in (REPO / "conf").glob("*.config"):
+        if "params {" in config.read_text():
+            extra = set(config_params(config)) - set(declared)
+            assert not extra, f"{config.name} sets undeclared params {extra}"
+
+
+def test_schema_is_valid_draft_2020_12():
+    import jsonschema
+
+    schema = json.loads((REPO / "nextflow_schema.json").read_text())
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    jsonschema.Draft202012Validator.check_schema(schema)
+    defaults = {name: spec["default"] for name, spec in schema_params().items() if "default" in spec}
+    jsonschema.Draft202012Validator(schema).validate({**defaults, "input": "samplesheet.csv"})
+
+
+def test_contract_catches_drift(tmp_path):
+    """The checks above can fail: an unknown flag, a missing required option and a list for one input."""
+    module = tmp_path / "main.nf"
+    module.write_text(
+        "process BROKEN {\n    script:\n    def extra = \"--no-such-flag 1\"\n    \"\"\"\n"
+        "    scfm-qc ${inputs.join(' ')} \\\\\n        --summary x.json \\\\\n        ${extra}\n    \"\"\"\n}\n"
+    )
+    process = parse_process(module)
+    command, _, rest = resolve_command(command_words(process.shell))
+    assert groovy_flags(process.groovy) - option_names(command) == {"--no-such-flag"}
+    required = {o for p in command.params if isinstance(p, click.Option) and p.required for o in p.opts}
+    assert required and not required & shell_flags(rest)
+    assert positionals(command, rest) == ["${inputs.join(' ')}"]
