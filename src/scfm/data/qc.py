@@ -106,7 +106,7 @@ def first_failed_cell_filter(metrics: pd.DataFrame, params: QcParams) -> np.ndar
     return failed
 
 
-def detect_doublets(counts: sp.csr_matrix, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def detect_doublets(counts: sp.csr_matrix, seed: int, path=None) -> tuple[np.ndarray, np.ndarray]:
     """scrublet doublet scores and calls for a block of cells (raw counts).
 
     scrublet's automatic threshold needs scikit-image; instead the cut is Otsu's threshold on the
@@ -116,7 +116,7 @@ def detect_doublets(counts: sp.csr_matrix, seed: int) -> tuple[np.ndarray, np.nd
 
     n_cells, n_genes = counts.shape
     if n_cells < 30:
-        raise ScfmError(f"doublet detection needs at least 30 cells, {n_cells} passed the filters before it")
+        raise ScfmError(f"doublet detection needs at least 30 cells, {n_cells} passed the filters before it", path)
     block = ad.AnnData(X=counts.copy())
     with np.errstate(invalid="ignore", divide="ignore"):
         sc.pp.scrublet(block, n_prin_comps=min(30, n_cells - 1, n_genes - 1), threshold=1.0,
@@ -403,7 +403,7 @@ def _run_in_memory(input, h5ad_tmp, params, labels, layer, transpose, chunk_size
     adata.var["mt"], adata.var["ribo"] = mito, ribo
     passed = adata[kept_cells, kept_genes].copy()
     if params.doublets:
-        scores, calls = detect_doublets(passed.X, params.seed)
+        scores, calls = detect_doublets(passed.X, params.seed, input)
         passed.obs["doublet_score"], passed.obs["predicted_doublet"] = scores, calls
         removed_by[np.flatnonzero(kept_cells)[calls]] = "doublets"
         passed = passed[~calls].copy()
@@ -479,7 +479,7 @@ def _run_streamed(input, h5ad_tmp, params, labels, layer, transpose, chunk_size,
             pending_rows = [rows[take:]] if take < rows.shape[0] else []
             pending_obs = [obs.iloc[take:]] if take < rows.shape[0] else []
             if params.doublets:
-                scores, calls = detect_doublets(rows_now, params.seed)
+                scores, calls = detect_doublets(rows_now, params.seed, input)
                 obs_now["doublet_score"], obs_now["predicted_doublet"] = scores, calls
                 removed_by[obs_all.index.get_indexer(obs_now.index[calls])] = "doublets"
                 rows_now, obs_now = rows_now[~calls], obs_now[~calls]
