@@ -65,18 +65,21 @@ def report(inputs, output, embedding_key, label_key, batch_key, qc_json, run_ids
 
     Several INPUTS are concatenated into one combined report.
     """
-    from scfm.report.html import build_report, flat_metrics
+    from scfm.report.html import build_report, flat_metrics, load_report_inputs
 
     output = Path(output)
     metrics_path = Path(metrics_json) if metrics_json else output.with_name(f"{output.stem}.metrics.json")
     uri = tracking.resolve_uri(mlflow_uri, output.parent)
     seed_everything(seed)
+    # inputs are read and checked first: a bad input fails in seconds and opens no MLflow run
+    loaded = load_report_inputs(inputs, embedding_key=embedding_key, label_key=label_key, batch_key=batch_key,
+                                qc_json=qc_json, mlflow_uri=uri, run_ids=run_ids)
     params = {"inputs": list(inputs), "embedding_key": embedding_key, "label_key": label_key,
               "batch_key": batch_key, "run_ids": list(run_ids), "seed": seed}
     with tracking.step_run("report", uri=uri, params=params) as run:
         text, result = build_report(
-            inputs, embedding_key=embedding_key, label_key=label_key, batch_key=batch_key, qc_json=qc_json,
-            mlflow_uri=uri, run_ids=run_ids, seed=seed, title=title, quiet=quiet,
+            loaded, embedding_key=embedding_key, label_key=label_key, batch_key=batch_key, qc_json=qc_json,
+            run_ids=run_ids, seed=seed, title=title, quiet=quiet,
         )
         with atomic_output(metrics_path) as tmp_json, atomic_output(output) as tmp_html:
             tmp_json.write_text(json.dumps(result, indent=2))

@@ -11,6 +11,7 @@ import base64
 import html
 import json
 import os
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -325,7 +326,18 @@ def render(title: str, subtitle: str, bodies: dict[str, str]) -> str:
 # ----------------------------------------------------------------------------- the report
 
 
-def build_report(
+@dataclass
+class ReportInputs:
+    """Everything a report reads, loaded and checked before any computation (so bad input fails fast)."""
+
+    paths: list[str]
+    adata: Any
+    uns_list: list[dict]
+    qc_summaries: list[tuple[str, Any]]
+    curves: list[tuple[str, dict]]
+
+
+def load_report_inputs(
     inputs: Sequence[str | os.PathLike],
     *,
     embedding_key: str = "X_scfm",
@@ -334,24 +346,38 @@ def build_report(
     qc_json: Sequence[str | os.PathLike] = (),
     mlflow_uri: str | None = None,
     run_ids: Sequence[str] = (),
-    seed: int = 0,
-    title: str | None = None,
-    quiet: bool = False,
-) -> tuple[str, dict]:
-    """Compute metrics and figures for ``inputs``; return (HTML text, metrics dict)."""
-    from scfm.utils import progress
-
-    inputs = [os.fspath(p) for p in inputs]
-    adata, uns_list = read_inputs(inputs, embedding_key)
-    check_obs_key(adata, label_key, "--label-key", inputs[0])
-    check_obs_key(adata, batch_key, "--batch-key", inputs[0])
-    qc_summaries = [(f"{Path(p).name}: uns['scfm']['qc']", u["qc"]) for p, u in zip(inputs, uns_list) if "qc" in u]
+) -> ReportInputs:
+    paths = [os.fspath(p) for p in inputs]
+    adata, uns_list = read_inputs(paths, embedding_key)
+    check_obs_key(adata, label_key, "--label-key", paths[0])
+    check_obs_key(adata, batch_key, "--batch-key", paths[0])
+    qc_summaries = [(f"{Path(p).name}: uns['scfm']['qc']", u["qc"]) for p, u in zip(paths, uns_list) if "qc" in u]
     for path in qc_json:
         try:
             qc_summaries.append((Path(path).name, json.loads(Path(path).read_text())))
         except (OSError, ValueError) as exc:
             raise ScfmError(f"cannot read QC JSON ({exc})", path) from exc
     curves = [read_metric_histories(mlflow_uri, r) for r in linked_training_runs(mlflow_uri, run_ids)]
+    return ReportInputs(paths, adata, uns_list, qc_summaries, curves)
+
+
+def build_report(
+    loaded: ReportInputs,
+    *,
+    embedding_key: str = "X_scfm",
+    label_key: str | None = None,
+    batch_key: str | None = None,
+    qc_json: Sequence[str | os.PathLike] = (),
+    run_ids: Sequence[str] = (),
+    seed: int = 0,
+    title: str | None = None,
+    quiet: bool = False,
+) -> tuple[str, dict]:
+    """Compute metrics and figures for loaded inputs; return (HTML text, metrics dict)."""
+    from scfm.utils import progress
+
+    inputs, adata, uns_list = loaded.paths, loaded.adata, loaded.uns_list
+    qc_summaries, curves = loaded.qc_summaries, loaded.curves
 
     bar = progress(total=5, desc="report", unit="stage", quiet=quiet)
     pca_recipe = add_pca_baseline(adata, seed=seed)
