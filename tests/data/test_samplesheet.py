@@ -83,3 +83,32 @@ def test_nextflow_schema_link_resolves_to_the_packaged_schema():
     assert schema["type"] == "array" and sample["meta"] == ["id"]
     assert schema["items"]["properties"]["path"]["exists"] is True
     assert all("errorMessage" in prop for prop in schema["items"]["properties"].values())
+
+
+def test_bundled_demo_samplesheet_reads_back_to_the_pbmc_counts(pbmc_counts):
+    sheet = io.read_samplesheet(REPO / "assets" / "demo" / "samplesheet.csv")
+    assert list(sheet["sample"]) == ["pbmc_a", "pbmc_b"] and list(sheet["batch"]) == ["batch1", "batch2"]
+    reads = {row.sample: io.read_input(row.path, sample=row.sample, require_counts=True) for row in sheet.itertuples()}
+    assert reads["pbmc_a"].counts_source == reads["pbmc_b"].counts_source == "X"
+    assert "ensembl_id" not in reads["pbmc_a"].adata.var  # symbols only, documented in assets/demo/README.md
+    for name, rows in (("pbmc_a", slice(0, None, 2)), ("pbmc_b", slice(1, None, 2))):
+        adata = reads[name].adata
+        expected = pbmc_counts[rows]
+        assert list(adata.var_names) == list(pbmc_counts.var_names)
+        assert list(adata.obs_names) == [f"{name}_{b}" for b in expected.obs_names]
+        assert (adata.X != expected.X).nnz == 0
+    assert list(reads["pbmc_b"].adata.obs["bulk_labels"]) == list(pbmc_counts[1::2].obs["bulk_labels"])
+    total = sum(p.stat().st_size for p in (REPO / "assets" / "demo").rglob("*") if p.is_file())
+    assert total < 2 * 1024 * 1024
+
+
+def test_demo_assets_script_is_deterministic(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_demo_assets", REPO / "scripts" / "make_demo_assets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.make_demo_assets(tmp_path / "demo")
+    for name in ("pbmc_a/matrix.mtx.gz", "pbmc_a/features.tsv.gz", "pbmc_a/barcodes.tsv.gz", "samplesheet.csv",
+                 "labels.csv", "README.md"):
+        assert (tmp_path / "demo" / name).read_bytes() == (REPO / "assets" / "demo" / name).read_bytes(), name
