@@ -25,11 +25,12 @@ CELL_TYPE_KEY = "scfm_cell_type"
 CONFIDENCE_KEY = "scfm_confidence"
 PROBABILITIES_KEY = "scfm_probabilities"
 
-# embed settings that change speed or bookkeeping, not the embedding space itself
-_RUN_SPECIFIC_EMBED_KEYS = {
-    "batch_size", "device", "precision", "input", "output", "n_cells", "seconds", "elapsed_s",
-    "cells_per_second", "num_workers", "quiet", "progress", "scfm_version", "created", "mlflow_run_id",
-}
+# embed settings that define the embedding space; paths, batch sizes, devices and timings do not
+# (a Nextflow task stages the same checkpoint under a different path every time)
+EMBEDDING_SPACE_KEYS = (
+    "checkpoint_sha256", "checkpoint_source", "version", "output_type", "pool", "target_depth",
+    "pre_normalized", "vocab_sha256", "n_genes", "model",
+)
 
 
 @dataclass
@@ -64,7 +65,7 @@ def embed_settings(adata) -> dict | None:
 
 
 def _comparable(settings: dict) -> dict:
-    return {k: _plain(v) for k, v in settings.items() if k not in _RUN_SPECIFIC_EMBED_KEYS}
+    return {k: _plain(settings[k]) for k in EMBEDDING_SPACE_KEYS if k in settings}
 
 
 def _plain(value):
@@ -153,10 +154,26 @@ def annotate_with_classifier(
             f"embedding dimension mismatch: the classifier expects {expected} dims, obsm['{embedding_key}'] has "
             f"{query.shape[1]}", input_path,
         )
+    check_classifier_settings(adata, classifier.config, input_path)
     probabilities = np.asarray(predict_proba(classifier, query), dtype=np.float64)
     classes = [str(c) for c in classifier.labels]
     settings = {"method": "classifier", "classifier": os.fspath(classifier_dir)}
     return Annotation(probabilities, classes, min_confidence, settings)
+
+
+def check_classifier_settings(adata, classifier_config: dict, input_path) -> None:
+    """The head was trained on embeddings made one way; refuse embeddings made another way."""
+    settings = embed_settings(adata)
+    if settings is None:
+        return
+    differing = [
+        f"{key}: classifier {classifier_config[key]!r} vs input {settings[key]!r}"
+        for key in ("pool", "target_depth", "pre_normalized")
+        if key in classifier_config and key in settings and str(classifier_config[key]) != str(settings[key])
+    ]
+    if differing:
+        raise ScfmError(f"the input was embedded with other settings than the classifier was trained on "
+                        f"({'; '.join(differing)})", input_path)
 
 
 def write_annotation(adata, annotation: Annotation, *, embedding_key: str) -> None:
