@@ -213,3 +213,13 @@ def test_open_chunked_bad_files(tmp_path):
     path = _write(tmp_path / "x.h5ad", sp.csr_matrix(np.ones((2, 2), dtype=np.float32)))
     with pytest.raises(ScfmError, match="layer 'counts' not found"):
         open_chunked(path, layer="counts")
+
+
+def test_empty_rows_and_rows_without_matched_genes():
+    counts = sp.csr_matrix(np.array([[0, 0, 0], [0, 4, 0], [2, 0, 3], [0, 5, 0], [0, 0, 0]], dtype=np.float32))
+    aligned, cov = align_matrix(counts, var(["NKG7", "UNKNOWN", "TP53"]), VOCAB)
+    expected = np.zeros((5, len(VOCAB)), dtype=np.float32)
+    expected[2, 5], expected[2, 0] = 2, 3
+    np.testing.assert_array_equal(aligned.toarray(), expected)
+    assert aligned.has_sorted_indices and list(aligned.indices) == [0, 5]
+    assert cov["fraction_counts_kept"] == pytest.approx(5 / 14)

@@ -121,11 +121,11 @@ class GeneMapping:
     def matched(self) -> np.ndarray:
         return self.token >= 0
 
-    def projection(self) -> sp.csr_matrix:
-        """[n_input, n_vocab] 0/1 matrix: ``counts @ P`` reorders columns and sums duplicates."""
-        rows = np.flatnonzero(self.matched)
-        ones = np.ones(len(rows), dtype=np.float32)
-        return sp.csr_matrix((ones, (rows, self.token[rows])), shape=(len(self.token), self.n_vocab))
+    @property
+    def has_shared_tokens(self) -> bool:
+        """Whether several input genes map to one token (their counts are then summed)."""
+        tokens = self.token[self.matched]
+        return len(np.unique(tokens)) < len(tokens)
 
 
 def map_genes(var_df: pd.DataFrame, vocab: Vocabulary, aliases: Mapping[str, str] | None = None) -> GeneMapping:
@@ -174,22 +174,31 @@ class GeneAligner:
     def __init__(self, var_df: pd.DataFrame, vocab: Vocabulary, aliases: Mapping[str, str] | None = None):
         self.vocab = vocab
         self.mapping = map_genes(var_df, vocab, aliases)
-        self._projection = self.mapping.projection()
+        self._sum_duplicates = self.mapping.has_shared_tokens
         self.counts_per_input_gene = np.zeros(len(self.mapping.token), dtype=np.float64)
         self.n_cells = 0
 
     def apply(self, counts: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
         """[cells, n_input] counts → [cells, n_vocab] CSR float32, column indices sorted."""
         csr = sp.csr_matrix(counts, dtype=np.float32)
-        if csr.shape[1] != len(self.mapping.token):
-            raise ValueError(f"chunk has {csr.shape[1]} genes, the mapping {len(self.mapping.token)}")
-        self.counts_per_input_gene += np.bincount(
-            csr.indices, weights=csr.data.astype(np.float64), minlength=csr.shape[1]
+        n_cells, n_input = csr.shape
+        if n_input != len(self.mapping.token):
+            raise ValueError(f"chunk has {n_input} genes, the mapping {len(self.mapping.token)}")
+        self.counts_per_input_gene += np.bincount(csr.indices, weights=csr.data, minlength=n_input)
+        self.n_cells += n_cells
+        # relabel each stored value's column with its token and drop unmatched genes, row by row
+        tokens = self.mapping.token[csr.indices]
+        keep = (tokens >= 0) & (csr.data != 0)
+        kept_before = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+        indptr = kept_before[csr.indptr]  # a row starts after the kept values of the rows above it
+        aligned = sp.csr_matrix(
+            (csr.data[keep], tokens[keep].astype(np.int32), indptr), shape=(n_cells, self.mapping.n_vocab)
         )
-        self.n_cells += csr.shape[0]
-        aligned = (csr @ self._projection).tocsr().astype(np.float32)
-        aligned.sum_duplicates()  # also sorts the indices
-        aligned.eliminate_zeros()
+        aligned.has_sorted_indices = False
+        if self._sum_duplicates:
+            aligned.sum_duplicates()  # also sorts
+        else:
+            aligned.sort_indices()
         return aligned
 
     def coverage(self) -> dict:
@@ -403,7 +412,12 @@ class AlignedH5adWriter:
     def finish(self, uns_scfm: dict) -> None:
         from anndata.io import write_elem
 
-        self.group.create_dataset("indptr", data=np.concatenate(self.indptr_values))
+        indptr = np.concatenate(self.indptr_values)
+        if self.nnz < np.iinfo(np.int32).max:
+            indptr = indptr.astype(np.int32)  # scipy wants indices and indptr of one dtype
+        else:
+            self._widen_indices()
+        self.group.create_dataset("indptr", data=indptr)
         self.group.attrs["shape"] = np.array([self.n_rows, len(self.vocab)], dtype=np.int64)
         obs = pd.concat(self.obs_blocks) if self.obs_blocks else pd.DataFrame()
         write_elem(self.file, "obs", obs)
@@ -414,6 +428,15 @@ class AlignedH5adWriter:
         self.file.attrs["encoding-type"] = "anndata"
         self.file.attrs["encoding-version"] = "0.1.0"
         self.file.close()
+
+    def _widen_indices(self, block: int = 1 << 26) -> None:
+        """More than 2^31 stored values: indptr must be int64, so indices become int64 too."""
+        narrow = self.group["indices"]
+        wide = self.group.create_dataset("indices64", shape=narrow.shape, dtype=np.int64, chunks=narrow.chunks)
+        for start in range(0, narrow.shape[0], block):
+            wide[start : start + block] = narrow[start : start + block]
+        del self.group["indices"]
+        self.group.move("indices64", "indices")
 
     def close(self) -> None:
         if self.file.id.valid:
