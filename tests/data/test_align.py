@@ -223,3 +223,23 @@ def test_empty_rows_and_rows_without_matched_genes():
     np.testing.assert_array_equal(aligned.toarray(), expected)
     assert aligned.has_sorted_indices and list(aligned.indices) == [0, 5]
     assert cov["fraction_counts_kept"] == pytest.approx(5 / 14)
+
+
+@pytest.mark.parametrize("int32_limit", [None, 10])
+def test_aligned_h5ad_writer_blocks_read_back(tmp_path, int32_limit):
+    from scfm.data.align import AlignedH5adWriter
+
+    counts = sp.random(30, len(VOCAB), density=0.4, format="csr", random_state=0, dtype=np.float32)
+    obs = pd.DataFrame({"sample": pd.Categorical(["a"] * 30)}, index=[f"c{i}" for i in range(30)])
+    writer = AlignedH5adWriter(tmp_path / "x.h5ad", VOCAB)
+    if int32_limit is not None:
+        writer.int32_limit = int32_limit  # take the >2^31-values path on a small matrix
+    for start in range(0, 30, 7):
+        writer.append(counts[start : start + 7], obs.iloc[start : start + 7])
+    writer.finish({"vocab_sha256": VOCAB.sha256})
+    back = ad.read_h5ad(tmp_path / "x.h5ad")
+    np.testing.assert_array_equal(back.X.toarray(), counts.toarray())
+    assert back.X.indices.dtype == back.X.indptr.dtype == (np.int32 if int32_limit is None else np.int64)
+    back.X.eliminate_zeros()  # needs one index dtype
+    assert list(back.var_names) == VOCAB.genes and list(back.var["ensembl_id"]) == VOCAB.ensembl_ids
+    assert back.obs.equals(obs) and back.uns["scfm"]["vocab_sha256"] == VOCAB.sha256

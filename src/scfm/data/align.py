@@ -381,6 +381,8 @@ class AlignedH5adWriter:
     so ``anndata.read_h5ad`` reads it like any other. Write into a temporary path (atomic_output).
     """
 
+    int32_limit = np.iinfo(np.int32).max  # more stored values than this need int64 indices
+
     def __init__(self, path: str | os.PathLike, vocab: Vocabulary):
         import h5py
 
@@ -413,7 +415,7 @@ class AlignedH5adWriter:
         from anndata.io import write_elem
 
         indptr = np.concatenate(self.indptr_values)
-        if self.nnz < np.iinfo(np.int32).max:
+        if self.nnz < self.int32_limit:
             indptr = indptr.astype(np.int32)  # scipy wants indices and indptr of one dtype
         else:
             self._widen_indices()
@@ -432,7 +434,7 @@ class AlignedH5adWriter:
     def _widen_indices(self, block: int = 1 << 26) -> None:
         """More than 2^31 stored values: indptr must be int64, so indices become int64 too."""
         narrow = self.group["indices"]
-        wide = self.group.create_dataset("indices64", shape=narrow.shape, dtype=np.int64, chunks=narrow.chunks)
+        wide = self.group.create_dataset("indices64", shape=narrow.shape, dtype=np.int64)
         for start in range(0, narrow.shape[0], block):
             wide[start : start + block] = narrow[start : start + block]
         del self.group["indices"]
