@@ -136,17 +136,18 @@ def test_normalized_input_is_refused(pbmc, tmp_path):
 
 def test_doublets_are_seeded_and_removed(pbmc, tmp_path):
     path, adata = pbmc
-    runs = [qc.run_qc(path, tmp_path / f"{i}.h5ad", min_genes=50, doublets=True, seed=3) for i in range(2)]
-    assert runs[0]["filters"] == runs[1]["filters"]
-    step = runs[0]["filters"]["doublets"]
-    first = ad.read_h5ad(tmp_path / "0.h5ad")
-    assert step["cells_out"] == first.n_obs == step["cells_in"] - step["removed"]
-    assert not first.obs["predicted_doublet"].any()
-    assert first.obs["doublet_score"].between(0, 1).all()
-    assert runs[0]["doublet_rate"] == pytest.approx(step["removed"] / step["cells_in"])
-    # streamed, scrublet sees all 700 cells in one batch too, so the calls are the same
+    # in memory and streamed (where scrublet sees all 700 cells in one batch too) with one seed: same calls
+    memory = qc.run_qc(path, tmp_path / "m.h5ad", min_genes=50, doublets=True, seed=3)
     streamed = qc.run_qc(path, tmp_path / "s.h5ad", min_genes=50, doublets=True, seed=3, chunk_size=100)
-    assert streamed["filters"] == runs[0]["filters"]
+    assert memory["filters"] == streamed["filters"]
+    step = memory["filters"]["doublets"]
+    assert step["removed"] > 0
+    written = ad.read_h5ad(tmp_path / "m.h5ad")
+    assert step["cells_out"] == written.n_obs == step["cells_in"] - step["removed"]
+    assert not written.obs["predicted_doublet"].any()
+    assert written.obs["doublet_score"].between(0, 1).all()
+    assert memory["doublet_rate"] == pytest.approx(step["removed"] / step["cells_in"])
+    assert list(ad.read_h5ad(tmp_path / "s.h5ad").obs_names) == list(written.obs_names)
 
 
 def test_samples_already_in_obs_are_summarised_separately(pbmc, tmp_path):
@@ -181,3 +182,14 @@ def test_plots_are_pngs_and_summary_path_defaults_next_to_output(pbmc, tmp_path)
         assert summary["plots"][kind] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert qc.default_summary_path(tmp_path / "x.qc.h5ad") == tmp_path / "x.qc.json"
     assert qc.default_summary_path("y.h5ad").name == "y.qc.json"
+
+
+def test_plots_survive_constant_metrics(tmp_path):
+    rng = np.random.default_rng(1)
+    adata = ad.AnnData(sp.csr_matrix(rng.poisson(3.0, size=(50, 40)).astype(np.float32)))
+    adata.var_names = [f"G{i}" for i in range(40)]  # no mitochondrial genes: pct_counts_mt is all 0
+    adata.obs_names = [f"c{i}" for i in range(50)]
+    adata.write_h5ad(tmp_path / "flat.h5ad")
+    summary = qc.run_qc(tmp_path / "flat.h5ad", tmp_path / "out.h5ad", min_genes=5, plots_dir=tmp_path / "p")
+    assert summary["cells_out"] == 50
+    assert all((tmp_path / "p" / f"flat.qc_{kind}.png").stat().st_size > 0 for kind in ("violin", "hist"))

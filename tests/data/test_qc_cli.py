@@ -21,6 +21,7 @@ def _runs(uri: str):
     return client, client.search_runs([experiment.experiment_id])
 
 
+@pytest.mark.slow  # a subprocess importing scanpy and MLflow: ~15 s alone, more on a busy machine
 def test_cli_writes_h5ad_summary_plots_and_one_mlflow_run(pbmc_counts, tmp_path, scfm_bin):
     pbmc_counts.write_h5ad(tmp_path / "in.h5ad")
     out = tmp_path / "res" / "donor1.qc.h5ad"

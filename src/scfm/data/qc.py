@@ -249,7 +249,12 @@ def write_plots(before: pd.DataFrame, after: pd.DataFrame, params: QcParams, sam
         for ax, (column, label) in zip(axes, _PLOTTED):
             values = [before[column].to_numpy(float), after[column].to_numpy(float)]
             if kind == "violin":
-                ax.violinplot(values, showmedians=True)
+                # a kernel density needs spread: constant values (e.g. no mitochondrial genes) get a line
+                spread = [i for i, v in enumerate(values) if np.ptp(v) > 0]
+                if spread:
+                    ax.violinplot([values[i] for i in spread], positions=[i + 1 for i in spread], showmedians=True)
+                for i in set(range(2)) - set(spread):
+                    ax.hlines(values[i][0], i + 0.8, i + 1.2, color="tab:blue")
                 ax.set_xticks([1, 2], [f"before\n(n={len(before)})", f"after\n(n={len(after)})"])
                 ax.set_ylabel(label)
                 for t in thresholds[column]:
