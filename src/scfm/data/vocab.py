@@ -32,6 +32,7 @@ class Vocabulary:
     genes: list[str]
     ensembl_ids: list[str] | None = None
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
+    _sha256: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         genes = [str(g) for g in self.genes]
@@ -46,6 +47,10 @@ class Vocabulary:
                 raise ScfmError(f"duplicate gene name {gene!r} (tokens {seen[gene]} and {token})")
             seen[gene] = token
         object.__setattr__(self, "_index", seen)
+        digest = hashlib.sha256()
+        for gene in genes:
+            digest.update(gene.encode("utf-8") + b"\n")
+        object.__setattr__(self, "_sha256", digest.hexdigest())
         if self.ensembl_ids is not None:
             ids = [str(e) for e in self.ensembl_ids]
             if len(ids) != len(genes):
@@ -53,6 +58,10 @@ class Vocabulary:
             object.__setattr__(self, "ensembl_ids", ids)
 
     # ------------------------------------------------------------------ identity and lookup
+    def __repr__(self) -> str:  # 19k gene names are not a useful repr
+        ids = "with" if self.ensembl_ids is not None else "without"
+        return f"Vocabulary({len(self)} genes {ids} Ensembl ids, sha256={self.sha256[:12]}…)"
+
     def __len__(self) -> int:
         return len(self.genes)
 
@@ -65,10 +74,8 @@ class Vocabulary:
 
     @property
     def sha256(self) -> str:
-        digest = hashlib.sha256()
-        for gene in self.genes:
-            digest.update(gene.encode("utf-8") + b"\n")
-        return digest.hexdigest()
+        """SHA-256 of the gene names in token order, each followed by a newline (UTF-8)."""
+        return self._sha256
 
     # ------------------------------------------------------------------ files
     @classmethod
