@@ -102,6 +102,18 @@ def test_h5ad_with_ensembl_var_names_switches_to_symbols(tmp_path, counts):
     _assert_matches(io.read_input(tmp_path / "cxg.h5ad"), counts)
 
 
+def test_h5ad_with_int64_indptr_and_int32_indices(tmp_path, counts):
+    path = tmp_path / "mixed.h5ad"
+    _adata(counts).write_h5ad(path)
+    with h5py.File(path, "a") as f:  # as written by tools that size indptr for > 2**31 stored values
+        indptr = f["X/indptr"][:]
+        del f["X/indptr"]
+        f["X"].create_dataset("indptr", data=indptr.astype(np.int64))
+        f["X/indices"][...] = f["X/indices"][:].astype(np.int32)
+        assert f["X/indices"].dtype == np.int32
+    _assert_matches(io.read_input(path), counts)
+
+
 def test_h5ad_backed_reports_source_without_loading(tmp_path, counts):
     adata = _adata(counts)
     adata.layers["counts"] = adata.X.copy()

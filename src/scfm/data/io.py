@@ -351,6 +351,10 @@ def _as_csr32(matrix) -> sp.csr_matrix:
         out = sp.csr_matrix(matrix, dtype=np.float32)
     else:
         out = sp.csr_matrix(np.asarray(matrix, dtype=np.float32))
+    # files often pair int64 indptr with int32 indices; scipy's kernels need one index dtype
+    index_dtype = np.int64 if max(out.nnz, *out.shape) >= 2**31 else np.int32
+    out.indices = out.indices.astype(index_dtype, copy=False)
+    out.indptr = out.indptr.astype(index_dtype, copy=False)
     out.eliminate_zeros()
     out.sort_indices()
     return out
