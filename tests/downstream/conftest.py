@@ -79,3 +79,30 @@ def report_run(embedded_pbmc, tmp_path_factory):
         "html": html, "metrics_json": root / "out" / "report.metrics.json", "uri": uri, "seed": 3,
         "annotated": ad.read_h5ad(annotated), "training_run_id": training.run_id, "root": root,
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_model(pbmc_counts, tmp_path_factory):
+    """A real (untrained, seeded) tiny XTrimoGene checkpoint over the PBMC genes, and 40 aligned cells.
+
+    Returns (checkpoint dir, aligned h5ad path, aligned AnnData).
+    """
+    import torch
+
+    from scfm.data.align import align_adata
+    from scfm.data.vocab import Vocabulary
+    from scfm.model.checkpoint import save_checkpoint
+    from scfm.model.config import ModelConfig
+    from scfm.model.xtrimogene import XTrimoGene
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    vocab = Vocabulary([str(g) for g in pbmc_counts.var_names])
+    config = ModelConfig.preset("tiny", n_genes=len(vocab))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = XTrimoGene(config)
+    checkpoint = save_checkpoint(root / "tiny_ckpt", model, config, vocab)
+    aligned, _ = align_adata(pbmc_counts[:40].copy(), vocab)
+    path = root / "cells.aligned.h5ad"
+    aligned.write_h5ad(path)
+    return checkpoint, path, aligned

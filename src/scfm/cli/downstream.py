@@ -47,6 +47,63 @@ def annotate(input, output, classifier, reference, label_key, k, min_confidence,
         click.echo(f"annotated {summary['n_cells']} cells ({summary['n_unknown']} unknown): {output}", err=True)
 
 
+@click.command("enhance")
+@click.argument("input", type=_existing)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="h5ad to write (.h5ad).")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True),
+              help="Our checkpoint directory or the official models.ckpt.")
+@click.option("--version", default="rde", show_default=True, type=click.Choice(["ce", "rde", "gene"]),
+              help="Which model of an official .ckpt (ignored for our checkpoint directories).")
+@click.option("--vocab", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Vocabulary TSV (needed for an official .ckpt).")
+@click.option("--target-depth", default="a1", show_default=True,
+              help="t<log10 depth> (t4 = 10k reads), f<fold> (f1 = as sequenced) or a<added log10> (a1 = 10x).")
+@click.option("--layer", default="scfm_enhanced", show_default=True, help="Layer receiving the prediction.")
+@click.option("--evaluate/--no-evaluate", default=True, show_default=True,
+              help="Thin real cells and measure how well they are predicted back.")
+@click.option("--thin-fraction", type=float, default=0.2, show_default=True,
+              help="Share of reads kept when thinning cells for the evaluation.")
+@click.option("--eval-cells", type=click.IntRange(min=2), default=200, show_default=True,
+              help="Cells used in the evaluation.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Cells per decoder pass (the decoder covers every gene: memory grows with it).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@step_options
+def enhance(input, output, checkpoint, version, vocab, target_depth, layer, evaluate, thin_fraction, eval_cells,
+            batch_size, device, mlflow_uri, seed, quiet):
+    """Predict every cell of INPUT at a higher read depth (a layer of OUTPUT), with an honest evaluation."""
+    from scfm.tasks.enhance import enhance_file
+
+    seed_everything(seed)
+    params = {"input": input, "checkpoint": checkpoint, "version": version, "target_depth": target_depth,
+              "layer": layer, "evaluate": evaluate, "thin_fraction": thin_fraction, "eval_cells": eval_cells,
+              "seed": seed}
+    uri = tracking.resolve_uri(mlflow_uri, Path(output).parent)
+    with tracking.step_run("enhance", uri=uri, params=params) as run:
+        settings = enhance_file(
+            input, output, checkpoint, version=version, vocab=vocab, target_depth=target_depth, layer=layer,
+            evaluate=evaluate, thin_fraction=thin_fraction, eval_cells=eval_cells, batch_size=batch_size,
+            device=device, seed=seed, quiet=quiet,
+        )
+        evaluation = settings.get("evaluation")
+        if evaluation:
+            run.log_metrics({
+                f"{measure}.{what}": evaluation[measure][what]["median"]
+                for measure in ("pearson", "spearman") for what in ("prediction", "thinned_input")
+            })
+            run.log_dict(evaluation, "enhance_evaluation.json")
+    if not quiet:
+        click.echo(f"enhanced {settings['n_cells']} cells into layers['{layer}']: {output}", err=True)
+        if evaluation:
+            p, s = evaluation["pearson"], evaluation["spearman"]
+            click.echo(
+                f"evaluation on {evaluation['n_cells']} thinned cells (median per-cell correlation with the original): "
+                f"prediction pearson {p['prediction']['median']:.3f} spearman {s['prediction']['median']:.3f}; "
+                f"thinned input pearson {p['thinned_input']['median']:.3f} "
+                f"spearman {s['thinned_input']['median']:.3f}", err=True,
+            )
+
+
 @click.command("report")
 @click.argument("inputs", nargs=-1, required=True, type=_existing)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The HTML report to write.")
@@ -91,4 +148,4 @@ def report(inputs, output, embedding_key, label_key, batch_key, qc_json, run_ids
         click.echo(f"report: {output}\nmetrics: {metrics_path}", err=True)
 
 
-COMMANDS = [annotate, report]
+COMMANDS = [annotate, enhance, report]
