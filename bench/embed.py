@@ -1,0 +1,245 @@
+"""Embedding benchmark: cells/s, peak RSS, FLOPs per cell and fraction of the machine's GEMM peak.
+
+    .venv/bin/python bench/embed.py --json /tmp/embed_bench.json            # everything (~15 min on 2 cores)
+    .venv/bin/python bench/embed.py --sections gemm,throughput --base-cells 50
+
+Sections
+- gemm:       measured fp32 and bf16 matmul peak (GFLOP/s), the yardstick for every other figure.
+- throughput: ``tiny`` and ``base-100m`` cell embeddings (pool all) with length bucketing in fp32 and
+              bf16, and a per-cell baseline of our own model (batch size 1, no bucketing), with the
+              per-cell cosine of bf16 to fp32. Encoder FLOPs are counted from the token lengths.
+- memory:     peak RSS embedding 10k vs 100k cells, streamed from an .h5ad on disk into a memmap, to
+              show memory is flat in the number of cells. The model is ``micro`` (``tiny`` with one
+              32-d encoder layer) so that 100k cells fit in a few minutes on 2 cores; the model's
+              size does not change how memory scales with the number of cells.
+
+Data: real PBMC counts (scfm.data.demo_data, ~250 nonzero genes per cell) placed at fixed random
+columns of a 19,264-gene vocabulary, tiled to the number of cells needed. Weights are random (the
+official-layout initialisation), so speed is meaningful and bf16-vs-fp32 agreement is indicative.
+Each configuration runs in a fresh subprocess so that its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+N_GENES = 19264
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------- data
+def pbmc_in_vocabulary(n_cells: int, seed: int = 0):
+    import scipy.sparse as sp
+
+    from scfm.data.demo_data import pbmc68k_counts
+
+    counts = pbmc68k_counts().X.tocsr()
+    columns = np.random.default_rng(seed).choice(N_GENES, size=counts.shape[1], replace=False)
+    placed = sp.csr_matrix((counts.data, columns[counts.indices], counts.indptr), shape=(counts.shape[0], N_GENES))
+    placed.sort_indices()
+    reps = -(-n_cells // placed.shape[0])
+    return sp.vstack([placed] * reps, format="csr")[:n_cells]
+
+
+def encoder_flops(config, counts) -> np.ndarray:
+    lengths = np.diff(counts.indptr) + 2
+    return np.array([config.encoder_flops_per_token(int(n)) * n for n in lengths])
+
+
+# ------------------------------------------------------------------------------------------- gemm
+def gemm_peak(dtype_name: str, size: int = 2048, repeats: int = 8) -> float:
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+# ------------------------------------------------------------------------------------------ workers
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_throughput(args) -> dict:
+    import torch
+
+    from scfm.model.checkpoint import load_checkpoint
+    from scfm.tasks.embed import embed_cells
+
+    loaded = load_checkpoint(args.checkpoint, version="ce", vocab=args.vocab)
+    counts = pbmc_in_vocabulary(args.cells)
+    # warm-up on a few cells (allocator, kernels) so the timing is steady state
+    embed_cells(loaded.model, counts[:4], precision=args.precision, batch_size=args.batch_size)
+    per_cell = args.mode == "per-cell"
+    start = time.perf_counter()
+    emb = embed_cells(loaded.model, counts, precision=args.precision,
+                      batch_size=1 if per_cell else args.batch_size, chunk_size=1 if per_cell else 4096)
+    seconds = time.perf_counter() - start
+    np.save(args.save, emb)
+    flops = encoder_flops(loaded.config, counts)
+    return {"seconds": seconds, "cells_per_s": args.cells / seconds, "flops_per_cell": float(flops.mean()),
+            "gflops_per_s": float(flops.sum() / seconds / 1e9), "peak_rss_mib": _peak_rss_mib(),
+            "threads": torch.get_num_threads(), "mean_nonzero_genes": float(np.diff(counts.indptr).mean())}
+
+
+def worker_memory(args) -> dict:
+    import h5py
+
+    from scfm.model.checkpoint import load_checkpoint
+    from scfm.tasks.embed import H5adRows, embed_cells
+
+    loaded = load_checkpoint(args.checkpoint, version="ce", vocab=args.vocab)
+    out = np.lib.format.open_memmap(args.save, mode="w+", dtype=np.float32,
+                                    shape=(args.cells, 4 * loaded.config.encoder_dim))
+    # the output goes to disk, the input streams from disk: nothing here grows with the number of cells
+    start = time.perf_counter()
+    with h5py.File(args.h5ad, "r") as handle:
+        rows = H5adRows(handle["X"], args.h5ad)
+        assert rows.shape[0] >= args.cells
+
+        class FirstRows:  # the first N cells of the file, still read block by block
+            shape = (args.cells, rows.shape[1])
+
+            def __getitem__(self, s):
+                return rows[s]
+
+        embed_cells(loaded.model, FirstRows(), batch_size=args.batch_size, chunk_size=4096, out=out)
+    seconds = time.perf_counter() - start
+    out.flush()
+    return {"seconds": seconds, "cells_per_s": args.cells / seconds, "peak_rss_mib": _peak_rss_mib()}
+
+
+def run_worker(kind: str, **kwargs) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind]
+    for key, value in kwargs.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SCFM_PROGRESS": "0"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -------------------------------------------------------------------------------------------- main
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="gemm,throughput,memory")
+    parser.add_argument("--tiny-cells", type=int, default=2000)
+    parser.add_argument("--base-cells", type=int, default=200)
+    parser.add_argument("--memory-cells", default="10000,100000")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--json", type=Path, help="write all results here")
+    parser.add_argument("--worker", choices=["throughput", "memory"], help=argparse.SUPPRESS)
+    for hidden in ("checkpoint", "vocab", "precision", "mode", "save", "h5ad"):
+        parser.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
+    parser.add_argument("--cells", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        result = worker_throughput(args) if args.worker == "throughput" else worker_memory(args)
+        print(json.dumps(result))
+        return
+
+    import torch
+
+    from scfm.data.vocab import Vocabulary
+    from scfm.model import ModelConfig
+    from scfm.model.checkpoint import write_official_style_checkpoint
+
+    sections = set(args.sections.split(","))
+    results: dict = {"machine": _machine(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory(prefix="scfm-embed-bench-") as scratch:
+        scratch = Path(scratch)
+        vocab_path = scratch / "vocab.tsv"
+        Vocabulary([f"G{i}" for i in range(N_GENES)]).save(vocab_path)
+        checkpoints = {}
+
+        def checkpoint(preset):
+            if preset not in checkpoints:
+                if preset == "micro":
+                    config = ModelConfig.preset("tiny", n_genes=N_GENES).replace(
+                        encoder_dim=32, encoder_layers=1, encoder_heads=2, encoder_ff_dim=64)
+                else:
+                    config = ModelConfig.preset(preset, n_genes=N_GENES)
+                checkpoints[preset] = write_official_style_checkpoint(
+                    scratch / f"{preset}.ckpt", config, seed=0, versions=("cell",))
+            return checkpoints[preset]
+
+        if "gemm" in sections:
+            results["gemm_gflops"] = {d: gemm_peak(d) for d in ("fp32", "bf16")}
+            print("gemm", results["gemm_gflops"], flush=True)
+
+        if "throughput" in sections:
+            results["throughput"] = []
+            for preset, n in (("tiny", args.tiny_cells), ("base-100m", args.base_cells)):
+                saved = {}
+                for mode, precision in (("bucketed", "fp32"), ("bucketed", "bf16"), ("per-cell", "fp32")):
+                    save = scratch / f"{preset}-{mode}-{precision}.npy"
+                    r = run_worker("throughput", checkpoint=checkpoint(preset), vocab=vocab_path, cells=n,
+                                   precision=precision, mode=mode, save=save, batch_size=args.batch_size)
+                    r.update(preset=preset, mode=mode, precision=precision, cells=n)
+                    saved[(mode, precision)] = np.load(save)
+                    if "gemm_gflops" in results:
+                        r["fraction_of_gemm_peak"] = r["gflops_per_s"] / results["gemm_gflops"][precision]
+                    results["throughput"].append(r)
+                    print(json.dumps(r), flush=True)
+                cos = cosine_rows(saved[("bucketed", "fp32")], saved[("bucketed", "bf16")])
+                same = np.abs(saved[("bucketed", "fp32")] - saved[("per-cell", "fp32")]).max()
+                results.setdefault("agreement", {})[preset] = {
+                    "bf16_vs_fp32_cosine_min": float(cos.min()), "bf16_vs_fp32_cosine_mean": float(cos.mean()),
+                    "bucketed_vs_per_cell_fp32_max_abs_diff": float(same)}
+                print(preset, results["agreement"][preset], flush=True)
+
+        if "memory" in sections:
+            import anndata as ad
+
+            sizes = [int(s) for s in args.memory_cells.split(",")]
+            h5ad = scratch / "cells.h5ad"
+            ad.AnnData(X=pbmc_in_vocabulary(max(sizes)).astype(np.float32)).write_h5ad(h5ad)
+            results["memory"] = []
+            for n in sizes:
+                r = run_worker("memory", checkpoint=checkpoint("micro"), vocab=vocab_path, cells=n, h5ad=h5ad,
+                               save=scratch / f"mem-{n}.npy", batch_size=args.batch_size)
+                r.update(preset="micro", cells=n)
+                results["memory"].append(r)
+                print(json.dumps(r), flush=True)
+            results["memory_note"] = ("a dense float64 cells x 19,264 table, as the released script builds, would "
+                                      f"need {max(sizes) * N_GENES * 8 / 2**30:.1f} GiB for {max(sizes)} cells")
+
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+def _machine() -> str:
+    import platform
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{os.cpu_count()}-core {platform.machine()} CPU{' with AVX-512 BF16' if 'avx512_bf16' in flags else ''}, "
+            f"{mem:.0f} GiB")
+
+
+if __name__ == "__main__":
+    main()
