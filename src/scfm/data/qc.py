@@ -332,7 +332,7 @@ def run_qc(
         # every output is opened here and renamed into place only when all of them are complete
         h5ad_tmp = outputs.enter_context(atomic_output(output))
         result, before, after = run(input, h5ad_tmp, params, labels, layer, transpose,
-                                    chunk_size or DEFAULT_CHUNK_SIZE, quiet, output)
+                                    chunk_size or DEFAULT_CHUNK_SIZE, quiet)
         result.update(
             input=str(input.resolve()),
             output=str(output.resolve()),
@@ -345,9 +345,8 @@ def run_qc(
             directory = Path(plots_dir)
             directory.mkdir(parents=True, exist_ok=True)
             name = result["sample"]
-            paths = [directory / f"{name}.qc_{kind}.png" for kind in ("violin", "hist")]
-            for path in paths:
-                outputs.enter_context(_keep_unless_failed(path))
+            for kind in ("violin", "hist"):
+                outputs.enter_context(_keep_unless_failed(directory / f"{name}.qc_{kind}.png"))
             result["plots"] = {k: str(p.resolve()) for k, p in write_plots(before, after, params, name,
                                                                               directory).items()}
         if summary is not None:
@@ -390,7 +389,7 @@ def _label_obs(obs: pd.DataFrame, sample: str, prefix: bool, labels: dict) -> pd
     return obs
 
 
-def _run_in_memory(input, h5ad_tmp, params, labels, layer, transpose, chunk_size, quiet, output):
+def _run_in_memory(input, h5ad_tmp, params, labels, layer, transpose, chunk_size, quiet):
     read = io.read_input(input, layer=layer, transpose=transpose, require_counts=True)
     adata = read.adata
     sample, prefix = _sample_labels(adata.obs, input, labels)
@@ -401,7 +400,7 @@ def _run_in_memory(input, h5ad_tmp, params, labels, layer, transpose, chunk_size
         adata.obs[column] = metrics[column]
     removed_by = first_failed_cell_filter(metrics, params)
     kept_cells = removed_by == ""
-    n_cells_per_gene = np.diff(adata.X[kept_cells].tocsc().indptr)
+    n_cells_per_gene = np.bincount(adata.X[kept_cells].indices, minlength=adata.n_vars)
     kept_genes = _gene_mask(n_cells_per_gene, params)
     _refuse_empty(_summary_so_far(adata.obs["sample"], removed_by, adata.n_vars, kept_genes, params), input)
     adata.var["n_cells_by_counts"] = n_cells_per_gene.astype(np.int32)
@@ -436,11 +435,10 @@ def _summary_so_far(samples, removed_by, n_genes, kept_genes, params):
                          params=QcParams(**{**asdict(params), "doublets": False}))["filters"]
 
 
-def _run_streamed(input, h5ad_tmp, params, labels, layer, transpose, chunk_size, quiet, output):
+def _run_streamed(input, h5ad_tmp, params, labels, layer, transpose, chunk_size, quiet):
     if transpose:
         raise ScfmError("transpose applies to csv/tsv inputs only", input)
     info = io.inspect_h5ad(input, layer=layer)
-    io._require_counts(info.is_counts, info.counts_source, input, True)
 
     # pass 1: per-cell metrics and, over the cells that pass the cell filters, per-gene detection
     metric_blocks, removed_blocks, obs_blocks = [], [], []
@@ -492,7 +490,7 @@ def _run_streamed(input, h5ad_tmp, params, labels, layer, transpose, chunk_size,
             kept_obs.append(obs_now)
 
     bar = progress(total=info.n_obs, desc=f"QC filter {input.name}", unit="cells", quiet=quiet)
-    with bar:
+    with bar, contextlib.closing(writer):
         for _, block, _ in io.iter_chunks(input, chunk_size, layer=layer, require_counts=True):
             stop = offset + block.shape[0]
             keep = removed_by[offset:stop] == ""
@@ -505,15 +503,15 @@ def _run_streamed(input, h5ad_tmp, params, labels, layer, transpose, chunk_size,
             offset = stop
             bar.update(block.shape[0])
         flush(final=True)
-    summary = build_summary(sample_of_cell=obs_all["sample"].astype(str).to_numpy(), removed_by=removed_by,
-                            n_genes_in=info.n_vars, genes_removed=int(np.sum(~kept_genes)), params=params)
-    _refuse_empty(summary["filters"], input)
-    summary.update(sample=sample, counts_source=info.counts_source)
-    passed_obs = pd.concat(kept_obs)
-    if params.doublets:
-        n_tested = int(np.sum(np.isin(removed_by, ["", "doublets"])))
-        summary["doublet_rate"] = float(np.sum(removed_by == "doublets") / max(1, n_tested))
-    writer.finish(obs=passed_obs, var=var_out)
+        summary = build_summary(sample_of_cell=obs_all["sample"].astype(str).to_numpy(), removed_by=removed_by,
+                                n_genes_in=info.n_vars, genes_removed=int(np.sum(~kept_genes)), params=params)
+        _refuse_empty(summary["filters"], input)
+        summary.update(sample=sample, counts_source=info.counts_source)
+        passed_obs = pd.concat(kept_obs)
+        if params.doublets:
+            n_tested = int(np.sum(np.isin(removed_by, ["", "doublets"])))
+            summary["doublet_rate"] = float(np.sum(removed_by == "doublets") / max(1, n_tested))
+        writer.finish(obs=passed_obs, var=var_out)
     return summary, metrics_all, passed_obs[list(METRIC_COLUMNS)]
 
 
@@ -527,7 +525,7 @@ class _CsrWriter:
         self.n_cols, self.n_rows, self.nnz = n_cols, 0, 0
         group = self.file.create_group("X")
         group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0"})
-        opts = dict(maxshape=(None,), chunks=(1 << 16,), compression="gzip", compression_opts=1)
+        opts = dict(maxshape=(None,), chunks=(1 << 18,))  # uncompressed, like write_h5ad
         self.data = group.create_dataset("data", shape=(0,), dtype=np.float32, **opts)
         self.indices = group.create_dataset("indices", shape=(0,), dtype=np.int32, **opts)
         self.indptr = group.create_dataset("indptr", shape=(1,), dtype=np.int64, data=[0], **opts)
@@ -548,15 +546,15 @@ class _CsrWriter:
     def finish(self, obs: pd.DataFrame, var: pd.DataFrame) -> None:
         from anndata.io import write_elem
 
-        try:
-            self.group.attrs["shape"] = (self.n_rows, self.n_cols)
-            self.file.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-            write_elem(self.file, "obs", obs)
-            write_elem(self.file, "var", var)
-            for name in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
-                write_elem(self.file, name, {})
-        finally:
-            self.file.close()
+        self.group.attrs["shape"] = (self.n_rows, self.n_cols)
+        self.file.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        write_elem(self.file, "obs", obs)
+        write_elem(self.file, "var", var)
+        for name in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+            write_elem(self.file, name, {})
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _write_summary_into_h5ad(path: Path, summary: dict) -> None:
