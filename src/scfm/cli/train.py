@@ -74,6 +74,8 @@ def pretrain_command(shards, out_dir, mask_ratio, zero_mask_ratio, mask_token_pr
 @click.option("--label-key", required=True, help="obs column with the cell-type labels.")
 @click.option("--unfreeze-layers", type=int, default=0, show_default=True,
               help="Train the last K encoder layers too (0: frozen encoder).")
+@click.option("--encoder-lr-ratio", type=float, default=0.01, show_default=True,
+              help="Learning rate of unfrozen encoder layers, relative to --lr.")
 @click.option("--epochs", type=int, default=30, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)

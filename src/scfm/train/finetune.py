@@ -11,8 +11,10 @@ Recipe, and why:
 - **Embedding**: the same recipe as ``scfm embed``'s defaults (``log1p(x / total * 1e4)``, T = 4,
   pool ``all``), so the head also works on ``obsm['X_scfm']`` written by ``scfm embed`` from this
   checkpoint. With the encoder frozen (default) the embeddings are computed once; with
-  ``unfreeze_layers = k`` the last k encoder layers (and the final norm) train with the head and the
-  classifier directory holds the new full weights (embed with it as ``--checkpoint``).
+  ``unfreeze_layers = k`` the last k encoder layers (and the final norm) train with the head, at
+  ``lr * encoder_lr_ratio`` (0.01: the head reads differences between cells that are small next to
+  the embedding's offset, so larger encoder steps wreck what it learned), and the classifier
+  directory holds the new full weights (embed with it as ``--checkpoint``).
 - **Head**: Linear → ReLU → Dropout → Linear, cross-entropy with inverse-frequency class weights
   (rare cell types are what annotation is for), AdamW; early stopping on validation macro-F1 with
   ``patience`` epochs; the best epoch's weights are kept.
@@ -63,6 +65,7 @@ class FinetuneSettings:
     epochs: int = 30
     batch_size: int = 32
     lr: float = 1e-3
+    encoder_lr_ratio: float = 0.01  # unfrozen encoder layers learn at lr * this: the head reads small differences
     weight_decay: float = 0.01
     hidden_dim: int = 256
     dropout: float = 0.1
@@ -345,8 +348,10 @@ def train_head(settings: FinetuneSettings, model, features: EncoderFeatures, y: 
         torch.manual_seed(settings.seed)
         head = ClassifierHead(train_embeddings.shape[1], n_classes, settings.hidden_dim, settings.dropout)
     head.fit_standardisation(train_embeddings)
-    optimizer = torch.optim.AdamW([*head.parameters(), *trainable], lr=settings.lr,
-                                  weight_decay=settings.weight_decay)
+    groups = [{"params": list(head.parameters()), "lr": settings.lr}]
+    if trainable:
+        groups.append({"params": trainable, "lr": settings.lr * settings.encoder_lr_ratio})
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(y[train_rows], n_classes))
     y_t = torch.from_numpy(y.astype(np.int64))
 

@@ -307,9 +307,6 @@ def pretrain(settings: PretrainSettings) -> dict:
     if settings.resume and latest_tag(checkpoint_dir) is None:
         raise ScfmError("--resume: no checkpoint to resume from (checkpoints/latest is missing)", checkpoint_dir)
 
-    launch = init_distributed()
-    rank, world_size = launch.rank, launch.world_size
-    torch.manual_seed(settings.seed + rank)
     ds_config = build_deepspeed_config(
         zero_stage=settings.zero_stage,
         config_path=settings.deepspeed_config,
@@ -317,6 +314,9 @@ def pretrain(settings: PretrainSettings) -> dict:
         grad_accum=settings.grad_accum,
         gradient_clipping=settings.gradient_clipping,
     )
+    launch = init_distributed()
+    rank, world_size = launch.rank, launch.world_size
+    torch.manual_seed(settings.seed + rank)
     model = build_model(config, initial, settings.seed)
     decay_steps = settings.lr_decay_steps or settings.max_steps
     engine = initialize_engine(

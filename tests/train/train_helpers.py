@@ -1,0 +1,28 @@
+"""Helpers shared by the training tests (a plain module: conftest names clash across test dirs)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(__file__).resolve().parents[2] / "bin"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(step: str, *args, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N bin/scfm-<step> ARGS`` on CPU (gloo), as a cluster job would run it."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               str(BIN / f"scfm-{step}"), *map(str, args)]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun scfm-{step} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-8000:]}")
+    return proc
