@@ -144,7 +144,7 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         n_bins=16, encoder_dim=64, encoder_layers=2, encoder_heads=4, encoder_ff_dim=256,
         decoder_dim=32, decoder_layers=2, decoder_heads=2, decoder_head_dim=16, decoder_ff_dim=128,
-        performer_features=16,
+        performer_features=_default_features(16),  # the released code derives the count from the head size
     ),
     "small": ModelConfig(
         n_bins=100, encoder_dim=256, encoder_layers=4, encoder_heads=8, encoder_ff_dim=1024,
