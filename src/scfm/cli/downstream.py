@@ -148,4 +148,18 @@ def report(inputs, output, embedding_key, label_key, batch_key, qc_json, run_ids
         click.echo(f"report: {output}\nmetrics: {metrics_path}", err=True)
 
 
-COMMANDS = [annotate, enhance, report]
+@click.command("demo")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Directory for every output.")
+@click.option("--quick", is_flag=True, help="Small settings (CI): fewer pretraining steps and epochs.")
+@step_options
+def demo(output, quick, mlflow_uri, seed, quiet):
+    """Run QC -> align -> pretrain -> fine-tune -> embed -> annotate -> enhance -> report on bundled PBMCs."""
+    from scfm.demo import print_summary, run_demo
+
+    # the demo's own store (in OUTPUT) unless --mlflow-uri is given explicitly
+    explicit = mlflow_uri if click.get_current_context().get_parameter_source("mlflow_uri").name == "COMMANDLINE" else None
+    summary = run_demo(output, quick=quick, seed=seed, quiet=quiet, mlflow_uri=explicit)
+    print_summary(summary)
+
+
+COMMANDS = [annotate, enhance, report, demo]

@@ -29,8 +29,8 @@ PCA_KEY = "X_pca_baseline"
 QC_COLOURS = ("total_counts", "n_genes_by_counts", "pct_counts_mt", "pct_counts_ribo", "doublet_score")
 SECTIONS = (
     ("summary", "Summary"),
-    ("qc", "QC"),
     ("metrics", "Metrics"),
+    ("qc", "QC"),
     ("umap", "UMAP: scfm vs PCA"),
     ("leiden", "Leiden clusters"),
     ("annotation", "Annotation"),
@@ -239,12 +239,44 @@ def summary_section(adata, inputs: Sequence[str], embedding_key: str, label_key,
     return table(rows)
 
 
+QC_HEADLINE = ("sample", "cells_in", "cells_out", "genes_in", "genes_out")
+
+
+def _qc_headline(summary: Any) -> dict:
+    """The few numbers a reader wants first: cells and genes in/out, and what each filter removed."""
+    if not isinstance(summary, dict):
+        return {}
+    row = {k: summary[k] for k in QC_HEADLINE if k in summary}
+    for name, details in (summary.get("filters") or {}).items():
+        if isinstance(details, dict) and "removed" in details:
+            row[f"removed by {name}"] = details["removed"]
+    return row
+
+
+def unique_qc_summaries(qc_summaries: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The pipeline passes each sample's QC JSON and the inputs carry the same summary: show it once."""
+    seen, unique = set(), []
+    for source, summary in qc_summaries:
+        key = json.dumps(_qc_headline(summary), sort_keys=True, default=str) if _qc_headline(summary) else source
+        if key not in seen:
+            seen.add(key)
+            unique.append((source, summary))
+    return unique
+
+
 def qc_section(adata, qc_summaries: list[tuple[str, Any]], qc_columns: list[str]) -> str:
     parts = []
-    for source, summary in qc_summaries:
-        parts.append(f"<h3>QC summary from {_e(source)}</h3>")
-        parts.append(table(flatten(summary), header=("field", "value")))
-    if not qc_summaries:
+    summaries = unique_qc_summaries(qc_summaries)
+    if summaries:
+        headlines = [_qc_headline(summary) for _, summary in summaries]
+        fields = list(dict.fromkeys(k for h in headlines for k in h))
+        rows = [(source, *[h.get(f) for f in fields]) for (source, _), h in zip(summaries, headlines)]
+        parts.append(table(rows, header=("QC summary", *fields)))
+        for source, summary in summaries:
+            parts.append(f"<details><summary>full QC summary: {_e(source)}</summary>")
+            parts.append(table(flatten(summary), header=("field", "value")))
+            parts.append("</details>")
+    else:
         parts.append(note("No QC summary: the input has no uns['scfm']['qc'] and no --qc-json was given."))
     stats = []
     for column in qc_columns:
@@ -301,8 +333,8 @@ def provenance_section(uns_list: list[dict], params: dict) -> str:
     parts += ["<h3>Report parameters</h3>", table(flatten(params), header=("parameter", "value"))]
     for i, uns in enumerate(uns_list):
         title = "uns['scfm'] of the input" if len(uns_list) == 1 else f"uns['scfm'] of input {i + 1}"
-        parts.append(f"<h3>{_e(title)}</h3>")
-        parts.append(f"<pre>{_e(json.dumps(_jsonable(uns), indent=2, default=str))}</pre>")
+        parts.append(f"<details open><summary>{_e(title)}</summary>")
+        parts.append(f"<pre>{_e(json.dumps(_jsonable(uns), indent=2, default=str))}</pre></details>")
     return "\n".join(parts)
 
 
@@ -379,7 +411,7 @@ def build_report(
     inputs, adata, uns_list = loaded.paths, loaded.adata, loaded.uns_list
     qc_summaries, curves = loaded.qc_summaries, loaded.curves
 
-    bar = progress(total=5, desc="report", unit="stage", quiet=quiet)
+    bar = progress(total=6, desc="report", unit="stage", quiet=quiet)
     pca_recipe = add_pca_baseline(adata, seed=seed)
     bar.update()
     result: dict = {
