@@ -18,7 +18,7 @@ workflow {
     checkModeParams()
 
     // samplesheet rows -> [ meta (id, batch, condition), counts ]; a sample without a batch is its own batch
-    def rows = samplesheetToList(params.input, "${projectDir}/assets/schema_input.json")
+    def rows = samplesheetToList(withAbsolutePaths(params.input), "${projectDir}/assets/schema_input.json")
         .collect { meta, counts -> [meta + [batch: meta.batch ?: meta.id], counts] }
     def finetune_sample = params.finetune_sample ?: rows[0][0].id
     if (!rows.any { row -> row[0].id == finetune_sample }) {
@@ -37,6 +37,28 @@ workflow {
     workflow.onComplete = {
         log.info("scfm ${workflow.success ? 'finished' : 'failed'}: results in ${params.outdir}, MLflow store ${mlflow_uri}")
     }
+}
+
+// A copy of the samplesheet whose relative paths are made relative to the sheet itself, as `scfm`
+// reads samplesheets (nf-schema would resolve them against the launch directory).
+def withAbsolutePaths(sheet) {
+    def source = file(sheet, checkIfExists: true)
+    def lines = source.readLines().findAll { line -> line.trim() }
+    def column = lines[0].split(',', -1).toList().indexOf('path')
+    if (column < 0) {
+        return source
+    }
+    def rows = lines.drop(1).collect { line ->
+        def fields = line.split(',', -1).toList()
+        def path = fields.size() > column ? fields[column].trim() : ''
+        if (path && !path.startsWith('/') && !path.contains('://')) {
+            fields[column] = source.parent.resolve(path).toString()
+        }
+        fields.join(',')
+    }
+    def resolved = file("${workflow.workDir}/samplesheet.${workflow.sessionId}.csv")
+    resolved.text = ([lines[0]] + rows).join('\n') + '\n'
+    return resolved
 }
 
 // Flag combinations the JSON schema cannot express.

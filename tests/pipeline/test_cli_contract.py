@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 import pytest
 
+from nf_scripts import Process, section, command_words, modules_config_ext_args, parse_process
 from scfm.cli import cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,62 +24,6 @@ MODULES = sorted((REPO / "modules" / "local").glob("*/main.nf"))
 # flags of the launchers wrapped around scfm-pretrain, not of scfm itself
 LAUNCHER_FLAGS = {"--standalone", "--nnodes", "--nproc_per_node", "--no-python", "--kill-on-bad-exit"}
 STEP_FLAGS = {"--seed", "--quiet"}  # every step passes these; --mlflow-uri comes from MLFLOW_TRACKING_URI
-
-
-@dataclass
-class Process:
-    name: str
-    module: Path
-    groovy: str  # the script: section before its shell string (flag-building defs)
-    shell: str  # the shell string, without the versions.yml heredoc
-    ext_args: str = ""
-    words: list[str] = field(default_factory=list)  # the scfm command line, split in words
-
-
-def _section(text: str, start: str, ends: tuple[str, ...]) -> str:
-    begin = text.index(start) + len(start)
-    stops = [text.find(end, begin) for end in ends]
-    stops = [s for s in stops if s != -1]
-    return text[begin : min(stops) if stops else len(text)]
-
-
-def parse_process(path: Path) -> Process:
-    text = path.read_text()
-    name = re.search(r"^process\s+(\w+)\s*\{", text, re.M).group(1)
-    script = _section(text, "script:", ("stub:", "\n}\n"))
-    groovy, _, rest = script.partition('"""')
-    shell = rest.rsplit('"""', 1)[0]
-    shell = re.sub(r"cat <<-END_VERSIONS.*?END_VERSIONS", "", shell, flags=re.S)
-    return Process(name, path, groovy, shell)
-
-
-def modules_config_ext_args() -> dict[str, str]:
-    """``withName: 'QC' { ext.args = ... }`` → {"QC": "<the ext.args expression>"}."""
-    text = (REPO / "conf" / "modules.config").read_text()
-    found = {}
-    for match in re.finditer(r"withName:\s*'([^']+)'\s*\{", text):
-        depth, i = 1, match.end()
-        while depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        body = text[match.end() : i]
-        args = re.search(r"ext\.args\s*=\s*(\{.*?\n        \}|\{.*?\}|\".*?\"|'.*?')", body, re.S)
-        if args:
-            for process in match.group(1).split("|"):
-                found[process] = args.group(1)
-    return found
-
-
-def command_words(shell: str) -> list[str]:
-    """The words of the one scfm-<step> call in a shell script (line continuations joined)."""
-    joined = re.sub(r"\\\\\s*\n", " ", shell)
-    calls = [line for line in joined.splitlines() if re.search(r"(^|[\s(])scfm-[a-z-]+", line)]
-    assert len(calls) == 1, f"expected one scfm-<step> call, found {len(calls)}: {calls}"
-    line = calls[0]
-    line = line[line.index("scfm-") :]
-    line = re.split(r"\s(?:\||;|&&|\))", line)[0]  # stop at a pipe, ; or the end of $( )
-    # a word: quoted strings, ${groovy expressions} (which may hold spaces) and other characters, glued
-    return re.findall(r"(?:\$\{[^}]*\}|'[^']*'|\"[^\"]*\"|[^\s'\"$]|\$)+", line)
 
 
 def resolve_command(words: list[str]) -> tuple[click.Command, list[str], list[str]]:
@@ -219,7 +163,7 @@ def used_params() -> dict[str, set[str]]:
 def config_params(path: Path) -> dict[str, str]:
     """``name = value`` lines of the top-level ``params { }`` block."""
     text = path.read_text()
-    block = _section(text, "params {", ("\n}\n",))
+    block = section(text, "params {", ("\n}\n",))
     return dict(re.findall(r"^\s{4}(\w+)\s*=\s*(.+?)\s*$", block, re.M))
 
 

@@ -14,7 +14,9 @@ process PRETRAIN {
     tuple env('MLFLOW_TRACKING_URI'), env('SCFM_MLFLOW_PARENT_RUN_ID')
 
     output:
-    path 'checkpoint', emit: checkpoint
+    // the run directory (ZeRO checkpoints for --resume, logs, curves) and the final model inside it
+    path 'pretrain_run', emit: run
+    path 'pretrain_run/model', emit: checkpoint
     path 'versions.yml', emit: versions
 
     script:
@@ -33,7 +35,7 @@ process PRETRAIN {
     """
     ${launcher} scfm-pretrain \\
         ${shard_flags} \\
-        -o checkpoint \\
+        -o pretrain_run \\
         --vocab '${vocab}' \\
         --model-preset ${params.model_preset} \\
         ${init} \\
@@ -60,7 +62,7 @@ process PRETRAIN {
 
     stub:
     """
-    mkdir checkpoint
-    touch checkpoint/config.json checkpoint/model.safetensors checkpoint/vocab.tsv versions.yml
+    mkdir -p pretrain_run/model
+    touch pretrain_run/model/config.json pretrain_run/model/model.safetensors pretrain_run/model/vocab.tsv versions.yml
     """
 }

@@ -14,7 +14,8 @@ process REPORT {
 
     script:
     def args = task.ext.args ?: ''
-    def label = params.label_key ? "--label-key '${params.label_key}'" : ''
+    // known labels to score the embedding against; every input must carry the column
+    def label = params.report_label_key ? "--label-key '${params.report_label_key}'" : ''
     def qc = qc_summaries.collect { summary -> "--qc-json '${summary}'" }.join(' ')
     """
     scfm-report \\

@@ -1,0 +1,94 @@
+"""Read the pipeline's Nextflow files the way the tests need: process scripts, their scfm call, ext.args.
+
+Shared by the contract test (flags exist) and the chain test (the same command lines run for real).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Process:
+    name: str
+    module: Path
+    groovy: str  # the script: section before its shell string (flag-building defs)
+    shell: str  # the shell string, without the versions.yml heredoc
+    ext_args: str = ""
+
+
+def section(text: str, start: str, ends: tuple[str, ...]) -> str:
+    begin = text.index(start) + len(start)
+    stops = [text.find(end, begin) for end in ends]
+    stops = [s for s in stops if s != -1]
+    return text[begin : min(stops) if stops else len(text)]
+
+
+def parse_process(path: Path) -> Process:
+    text = path.read_text()
+    name = re.search(r"^process\s+(\w+)\s*\{", text, re.M).group(1)
+    script = section(text, "script:", ("stub:", "\n}\n"))
+    groovy, _, rest = script.partition('"""')
+    shell = rest.rsplit('"""', 1)[0]
+    shell = re.sub(r"cat <<-END_VERSIONS.*?END_VERSIONS", "", shell, flags=re.S)
+    return Process(name, path, groovy, shell)
+
+
+def modules_config_ext_args() -> dict[str, str]:
+    """``withName: 'QC' { ext.args = ... }`` → {"QC": "<the ext.args expression>"}."""
+    text = (REPO / "conf" / "modules.config").read_text()
+    found = {}
+    for match in re.finditer(r"withName:\s*'([^']+)'\s*\{", text):
+        depth, i = 1, match.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        body = text[match.end() : i]
+        args = re.search(r"ext\.args\s*=\s*(\{.*?\n        \}|\{.*?\}|\".*?\"|'.*?')", body, re.S)
+        if args:
+            for process in match.group(1).split("|"):
+                found[process] = args.group(1)
+    return found
+
+
+def command_words(shell: str) -> list[str]:
+    """The words of the one scfm-<step> call in a shell script (line continuations joined)."""
+    joined = re.sub(r"\\\\\s*\n", " ", shell)
+    calls = [line for line in joined.splitlines() if re.search(r"(^|[\s(])scfm-[a-z-]+", line)]
+    assert len(calls) == 1, f"expected one scfm-<step> call, found {len(calls)}: {calls}"
+    line = calls[0]
+    line = line[line.index("scfm-") :]
+    line = re.split(r"\s(?:\||;|&&|\))", line)[0]  # stop at a pipe, ; or the end of $( )
+    # a word: quoted strings, ${groovy expressions} (which may hold spaces) and other characters, glued
+    return re.findall(r"(?:\$\{[^}]*\}|'[^']*'|\"[^\"]*\"|[^\s'\"$]|\$)+", line)
+
+
+
+
+def module_process(step: str) -> Process:
+    return parse_process(REPO / "modules" / "local" / step / "main.nf")
+
+
+def render_command(process: Process, values: dict[str, object], params: dict[str, object]) -> list[str]:
+    """The process's scfm command line with its Groovy expressions filled in, split like a shell would.
+
+    ``${params.x}`` comes from ``params``; every other ``${expr}`` must be in ``values`` (a KeyError
+    means the module changed and the caller must say what the new expression holds).
+    """
+    def fill(match: re.Match) -> str:
+        expr = match.group(1)
+        if expr.startswith("params."):
+            value = params[expr[len("params."):]]
+        else:
+            value = values[expr]
+        if isinstance(value, bool):
+            return str(value).lower()
+        return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+    line = " ".join(command_words(process.shell))
+    return shlex.split(re.sub(r"\$\{([^}]*)\}", fill, line))
