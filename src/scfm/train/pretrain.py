@@ -436,4 +436,15 @@ def _final_metrics(history: list[dict], settings: PretrainSettings, world_size: 
         "mean_loss_last_fifth": float(np.mean(tail)) if losses else None,
         "mean_cells_per_s": float(np.mean(speeds)) if speeds else None,
         "world_size": world_size,
+        **peak_memory(),
     }
+
+
+def peak_memory() -> dict:
+    """This process's peak resident memory, and on CUDA its peak allocated GPU memory (MiB)."""
+    import resource
+
+    peaks = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        peaks["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return peaks
