@@ -43,6 +43,13 @@ def test_slurm_tasks_agree_on_the_rendezvous():
     assert launches[5].local_rank == 1 and launches[5].world_size == 8 and launches[0].launcher == "slurm"
 
 
+def test_an_srun_step_inside_a_larger_allocation_uses_the_steps_layout():
+    env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1",
+           "SLURM_JOB_NODELIST": "big[1-8]", "SLURM_STEP_NODELIST": "big[3-4]", "SLURM_JOB_ID": "12"}
+    launch = detect_launch_env(env)
+    assert (launch.world_size, launch.master_addr, launch.master_port) == (4, "big3", 20012)
+
+
 def test_no_launcher_means_one_process():
     launch = detect_launch_env({})
     assert (launch.rank, launch.world_size, launch.launcher) == (0, 1, "single")

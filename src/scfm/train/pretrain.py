@@ -20,10 +20,11 @@ loader position and torch RNG state (ours). The masking draws come from a genera
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,7 +227,8 @@ def consolidated_state_dict(engine, checkpoint_dir: Path, tag: str) -> dict[str,
     """Full fp32 weights from a (possibly ZeRO-3 partitioned, possibly bf16) DeepSpeed checkpoint."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports on stdout, which holds our metrics JSON
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     # buffers (e.g. the Performer's random features) are never partitioned; take them from the module
     for name, buffer in engine.module.named_buffers():
         state[name] = buffer.detach().float().cpu().clone()
