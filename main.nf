@@ -30,7 +30,9 @@ workflow {
 
     SCFM(channel.fromList(rows), mlflow_uri, finetune_sample)
 
+    // one entry per process, however many tasks it ran
     SCFM.out.versions
+        .map { versions -> versions.text.trim() }
         .unique()
         .collectFile(name: 'scfm_software_versions.yml', storeDir: "${params.outdir}/pipeline_info", sort: true, newLine: true)
 
