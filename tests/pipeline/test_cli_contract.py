@@ -219,3 +219,65 @@ def test_contract_catches_drift(tmp_path):
     required = {o for p in command.params if isinstance(p, click.Option) and p.required for o in p.opts}
     assert required and not required & shell_flags(rest)
     assert positionals(command, rest) == ["${inputs.join(' ')}"]
+
+
+# -- workflow -> module calls ----------------------------------------------------------------------
+def input_count(process: Path) -> int:
+    """Number of input channels a process declares (one declaration per line of its input: block)."""
+    block = section(process.read_text(), "input:", ("output:",))
+    return len([line for line in block.splitlines() if line.strip() and not line.strip().startswith("//")])
+
+
+def split_arguments(text: str) -> list[str]:
+    """Top-level comma split of a call's argument list."""
+    args, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if char == "," and depth == 0:
+            args.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [a for a in [*args, current.strip()] if a]
+
+
+def process_calls(workflow: Path) -> list[tuple[str, Path, list[str]]]:
+    """(name as called, module file, arguments) for every process call in a workflow file."""
+    text = workflow.read_text()
+    modules = {}
+    for names, source in re.findall(r"include\s*\{([^}]*)\}\s*from\s*'([^']+)'", text):
+        module = (workflow.parent / source / "main.nf").resolve()
+        for item in names.split(";"):
+            parts = item.split(" as ")
+            modules[parts[-1].strip()] = module
+    calls = []
+    for name, module in modules.items():
+        for match in re.finditer(rf"(?<![\w.]){name}\(", text):
+            depth, i = 1, match.end()
+            while depth:
+                depth += {"(": 1, ")": -1}.get(text[i], 0)
+                i += 1
+            calls.append((name, module, split_arguments(text[match.end() : i - 1])))
+    return calls
+
+
+def test_workflow_calls_pass_every_process_input():
+    calls = process_calls(REPO / "workflows" / "scfm.nf")
+    assert {name for name, _, _ in calls} >= {"MLFLOW_INIT", "QC", "VOCAB_BUILD", "ALIGN", "PRETRAIN", "FINETUNE",
+                                              "EMBED", "ANNOTATE", "REPORT_BATCH", "REPORT_ALL"}
+    for name, module, args in calls:
+        assert len(args) == input_count(module), f"{name}({', '.join(args)}) but {module} declares " \
+                                                 f"{input_count(module)} inputs"
+
+
+def test_call_check_catches_a_missing_argument(tmp_path):
+    (tmp_path / "modules" / "step").mkdir(parents=True)
+    (tmp_path / "modules" / "step" / "main.nf").write_text(
+        "process STEP {\n    input:\n    val a\n    // a comment\n    tuple val(b), path(c)\n\n    output:\n"
+        "    path 'x'\n\n    script:\n    \"\"\"\n    true\n    \"\"\"\n}\n")
+    workflow = tmp_path / "wf.nf"
+    workflow.write_text("include { STEP as FIRST } from './modules/step'\n"
+                        "workflow W {\n    FIRST(channel.of([1, 2]).map { x -> [x, x] })\n}\n")
+    [(name, module, args)] = process_calls(workflow)
+    assert (name, len(args), input_count(module)) == ("FIRST", 1, 2)
