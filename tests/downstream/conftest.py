@@ -47,37 +47,39 @@ def run_scfm(*args) -> None:
 
 
 @pytest.fixture(scope="session")
-def report_run(embedded_pbmc, tmp_path_factory):
-    """One full report: annotated query cells with labels, two batches, a QC JSON and a linked training run.
+def demo_run(tmp_path_factory):
+    """``scfm-demo --quick`` run once, end to end, as a user would; returns its paths and summary."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    Returns a dict of paths and the objects the report was built from, for the report tests to check.
-    """
-    import anndata as ad
+    out = tmp_path_factory.mktemp("demo") / "demo_out"
+    exe = Path(__file__).resolve().parents[2] / "bin" / "scfm-demo"
+    env = {**os.environ, "SCFM_PROGRESS": "0"}
+    proc = subprocess.run([sys.executable, str(exe), "-o", str(out), "--quick"], capture_output=True, text=True,
+                          env=env)
+    assert proc.returncode == 0, f"scfm-demo failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return {"out": out, "stdout": proc.stdout, "stderr": proc.stderr,
+            "summary": json.loads((out / "demo_summary.json").read_text()), "uri": f"sqlite:///{out}/mlflow.db"}
 
-    from scfm import tracking
 
-    root = tmp_path_factory.mktemp("report")
-    _, adata = embedded_pbmc
-    ref_path, query_path = root / "ref.h5ad", root / "query.h5ad"
-    adata[::2].copy().write_h5ad(ref_path)
-    adata[1::2].copy().write_h5ad(query_path)
-    annotated = root / "query.annotated.h5ad"
-    uri = f"sqlite:///{root}/mlflow.db"
-    run_scfm("annotate", query_path, "-o", annotated, "--reference", ref_path, "--label-key", LABEL_KEY,
-             "--mlflow-uri", uri, "--quiet")
+@pytest.fixture(scope="session")
+def report_run(demo_run):
+    """The demo's combined report (real tiny-model embeddings, classifier annotation, linked training runs)."""
+    from mlflow.tracking import MlflowClient
 
-    with tracking.step_run("pretrain", uri=uri, params={"steps": 12}) as training:
-        for step in range(12):
-            training.log_metrics({"train/loss": 2.0 / (step + 1), "train/lr": 1e-3}, step=step)
-    qc_json = root / "sample.qc.json"
-    qc_json.write_text(json.dumps({"sample": "pbmc", "cells_in": 750, "cells_out": 700,
-                                   "removed": {"min_genes": 30, "max_pct_mt": 20}}))
-    html = root / "out" / "report.html"
-    run_scfm("report", annotated, "-o", html, "--label-key", LABEL_KEY, "--batch-key", "batch",
-             "--qc-json", qc_json, "--run-id", training.run_id, "--mlflow-uri", uri, "--seed", 3, "--quiet")
+    from scfm.report.html import read_inputs
+
+    out = demo_run["out"]
+    annotated = [out / "annotated" / "pbmc_a.annotated.h5ad", out / "annotated" / "pbmc_b.annotated.h5ad"]
+    combined, _ = read_inputs(annotated, "X_scfm")
+    client = MlflowClient(demo_run["uri"])
+    pretrain = [r for r in client.search_runs(["1"]) if r.data.tags.get("scfm.step") == "pretrain"]
     return {
-        "html": html, "metrics_json": root / "out" / "report.metrics.json", "uri": uri, "seed": 3,
-        "annotated": ad.read_h5ad(annotated), "training_run_id": training.run_id, "root": root,
+        "html": out / "report" / "demo.report.html", "metrics_json": out / "report" / "demo.report.metrics.json",
+        "uri": demo_run["uri"], "seed": 0, "annotated": combined, "training_run_id": pretrain[0].info.run_id,
+        "root": out,
     }
 
 
@@ -106,3 +108,13 @@ def tiny_model(pbmc_counts, tmp_path_factory):
     path = root / "cells.aligned.h5ad"
     aligned.write_h5ad(path)
     return checkpoint, path, aligned
+
+
+@pytest.fixture(scope="session")
+def shared_store(tmp_path_factory):
+    """One MLflow store for the error-path tests: creating a fresh SQLite store per test costs seconds."""
+    from scfm import tracking
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    tracking.ensure_store(uri)
+    return uri

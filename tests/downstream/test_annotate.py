@@ -59,13 +59,13 @@ def test_knn_transfer_writes_the_documented_schema(ref_and_query, tmp_path, scfm
     assert runs[0].data.metrics["n_cells"] == query.n_obs
 
 
-def test_low_confidence_cells_become_unknown(ref_and_query, tmp_path):
+def test_low_confidence_cells_become_unknown(ref_and_query, tmp_path, shared_store):
     ref_path, query_path, *_ = ref_and_query
     outputs = {}
     for threshold in (0.0, 0.9):
         out = tmp_path / f"t{threshold}.h5ad"
         result = run_cli("annotate", query_path, "-o", out, "--reference", ref_path, "--label-key", LABEL_KEY,
-                         "--min-confidence", threshold, "--quiet", "--mlflow-uri", f"sqlite:///{tmp_path}/m.db")
+                         "--min-confidence", threshold, "--quiet", "--mlflow-uri", shared_store)
         assert result.exit_code == 0, result.output
         outputs[threshold] = ad.read_h5ad(out)
     loose, strict = outputs[0.0], outputs[0.9]
@@ -87,65 +87,107 @@ def _assert_fails(result, *fragments, output):
     assert not list(output.parent.glob(f".{output.name}*")), "no temporary left behind"
 
 
-def test_missing_embedding_is_refused(ref_and_query, tmp_path):
+def test_missing_embedding_is_refused(ref_and_query, tmp_path, shared_store):
     ref_path, _, _, query, _ = ref_and_query
     del query.obsm["X_scfm"]
     bare = tmp_path / "bare.h5ad"
     query.write_h5ad(bare)
     out = tmp_path / "o.h5ad"
     result = run_cli("annotate", bare, "-o", out, "--reference", ref_path, "--label-key", LABEL_KEY,
-                     "--mlflow-uri", f"sqlite:///{tmp_path}/m.db")
+                     "--mlflow-uri", shared_store)
     _assert_fails(result, f"error: {bare}: no embedding obsm['X_scfm']", output=out)
 
 
-def test_missing_label_key_is_refused(ref_and_query, tmp_path):
+def test_missing_label_key_is_refused(ref_and_query, tmp_path, shared_store):
     ref_path, query_path, *_ = ref_and_query
     out = tmp_path / "o.h5ad"
     result = run_cli("annotate", query_path, "-o", out, "--reference", ref_path, "--label-key", "no_such_column",
-                     "--mlflow-uri", f"sqlite:///{tmp_path}/m.db")
+                     "--mlflow-uri", shared_store)
     _assert_fails(result, f"error: {ref_path}: --label-key 'no_such_column' is not an obs column", output=out)
 
 
-def test_dimension_mismatch_is_refused(ref_and_query, tmp_path):
+def test_dimension_mismatch_is_refused(ref_and_query, tmp_path, shared_store):
     ref_path, _, _, query, _ = ref_and_query
     query.obsm["X_scfm"] = query.obsm["X_scfm"][:, :7]
     narrow = tmp_path / "narrow.h5ad"
     query.write_h5ad(narrow)
     out = tmp_path / "o.h5ad"
     result = run_cli("annotate", narrow, "-o", out, "--reference", ref_path, "--label-key", LABEL_KEY,
-                     "--mlflow-uri", f"sqlite:///{tmp_path}/m.db")
+                     "--mlflow-uri", shared_store)
     _assert_fails(result, f"error: {ref_path}: embedding dimension mismatch", "has 20 dims, the query has 7",
                   output=out)
 
 
-def test_reference_from_another_checkpoint_is_refused(ref_and_query, tmp_path):
+def test_reference_from_another_checkpoint_is_refused(ref_and_query, tmp_path, shared_store):
     ref_path, _, _, query, _ = ref_and_query
     query.uns["scfm"]["embed"]["checkpoint_sha256"] = "another-model"
     other = tmp_path / "other.h5ad"
     query.write_h5ad(other)
     out = tmp_path / "o.h5ad"
     result = run_cli("annotate", other, "-o", out, "--reference", ref_path, "--label-key", LABEL_KEY,
-                     "--mlflow-uri", f"sqlite:///{tmp_path}/m.db")
+                     "--mlflow-uri", shared_store)
     _assert_fails(result, f"error: {ref_path}: reference was embedded with a different checkpoint",
                   "checkpoint_sha256", output=out)
 
 
-def test_exactly_one_source_of_labels(ref_and_query, tmp_path):
+def test_exactly_one_source_of_labels(ref_and_query, tmp_path, shared_store):
     ref_path, query_path, *_ = ref_and_query
     out = tmp_path / "o.h5ad"
-    neither = run_cli("annotate", query_path, "-o", out, "--mlflow-uri", f"sqlite:///{tmp_path}/m.db")
+    neither = run_cli("annotate", query_path, "-o", out, "--mlflow-uri", shared_store)
     assert neither.exit_code == 2
     _assert_fails(neither, "exactly one of --classifier or --reference", output=out)
     unlabeled = run_cli("annotate", query_path, "-o", out, "--reference", ref_path,
-                        "--mlflow-uri", f"sqlite:///{tmp_path}/m.db")
+                        "--mlflow-uri", shared_store)
     _assert_fails(unlabeled, "--reference needs --label-key", output=out)
 
 
-def test_unreadable_input_is_refused(ref_and_query, tmp_path):
+def test_unreadable_input_is_refused(ref_and_query, tmp_path, shared_store):
     ref_path, *_ = ref_and_query
     junk = tmp_path / "junk.h5ad"
     junk.write_text("not hdf5")
     out = tmp_path / "o.h5ad"
     result = run_cli("annotate", junk, "-o", out, "--reference", ref_path, "--label-key", LABEL_KEY,
-                     "--mlflow-uri", f"sqlite:///{tmp_path}/m.db")
+                     "--mlflow-uri", shared_store)
     _assert_fails(result, f"error: {junk}: cannot read as h5ad", output=out)
+
+
+@pytest.mark.slow
+def test_classifier_head_annotation(demo_run, tmp_path, shared_store):
+    from scfm.train.finetune import load_classifier, predict_proba
+
+    out = demo_run["out"]
+    embedded = out / "embedded" / "pbmc_b.embedded.h5ad"
+    target = tmp_path / "b.annotated.h5ad"
+    result = run_cli("annotate", embedded, "-o", target, "--classifier", out / "classifier", "--min-confidence", 0.3,
+                     "--quiet", "--mlflow-uri", shared_store)
+    assert result.exit_code == 0, result.output
+    annotated = ad.read_h5ad(target)
+    classifier = load_classifier(out / "classifier")
+    assert list(annotated.uns["scfm"]["annotate"]["classes"]) == classifier.labels
+    expected = predict_proba(classifier, ad.read_h5ad(embedded).obsm["X_scfm"])
+    np.testing.assert_allclose(annotated.obsm["scfm_probabilities"], expected, rtol=1e-5, atol=1e-6)
+    best = np.asarray(classifier.labels)[expected.argmax(axis=1)]
+    called = np.where(expected.max(axis=1) >= 0.3, best, UNKNOWN)
+    assert (annotated.obs["scfm_cell_type"].astype(str).to_numpy() == called).all()
+    assert annotated.uns["scfm"]["annotate"]["method"] == "classifier"
+
+
+@pytest.mark.slow
+def test_classifier_refuses_embeddings_made_differently(demo_run, tmp_path, shared_store):
+    out = demo_run["out"]
+    adata = ad.read_h5ad(out / "embedded" / "pbmc_b.embedded.h5ad")
+    adata.uns["scfm"]["embed"]["pool"] = "max"
+    other = tmp_path / "max_pool.h5ad"
+    adata.write_h5ad(other)
+    target = tmp_path / "o.h5ad"
+    result = run_cli("annotate", other, "-o", target, "--classifier", out / "classifier",
+                     "--mlflow-uri", shared_store)
+    _assert_fails(result, f"error: {other}: the input was embedded with other settings", "pool", output=target)
+
+    del adata.uns["scfm"]["embed"]
+    adata.obsm["X_scfm"] = adata.obsm["X_scfm"][:, :16]
+    narrow = tmp_path / "narrow.h5ad"
+    adata.write_h5ad(narrow)
+    result = run_cli("annotate", narrow, "-o", target, "--classifier", out / "classifier",
+                     "--mlflow-uri", shared_store)
+    _assert_fails(result, f"error: {narrow}: embedding dimension mismatch", output=target)

@@ -87,37 +87,37 @@ def test_evaluation_is_computed_on_real_thinned_cells(enhanced, tiny_model):
     assert evaluation["prediction_beats_thinned_input"]["pearson_fraction_of_cells"] == pytest.approx(wins)
 
 
-def _fails_cleanly(tmp_path, *args, message, code=1):
+def _fails_cleanly(shared_store, tmp_path, *args, message, code=1):
     out = tmp_path / "out.h5ad"
     result = CliRunner().invoke(cli, ["enhance", *map(str, args), "-o", str(out),
-                                      "--mlflow-uri", f"sqlite:///{tmp_path}/m.db"], catch_exceptions=False)
+                                      "--mlflow-uri", shared_store], catch_exceptions=False)
     assert result.exit_code == code, result.output
     assert message in result.output
     assert not out.exists() and not list(tmp_path.glob(".out.h5ad*"))
 
 
-def test_normalised_input_is_refused(tiny_model, tmp_path):
+def test_normalised_input_is_refused(tiny_model, tmp_path, shared_store):
     checkpoint, _, aligned = tiny_model
     logged = aligned.copy()
     logged.X = sp.csr_matrix(log_cp10k(aligned.X), dtype=np.float32)
     path = tmp_path / "logged.h5ad"
     logged.write_h5ad(path)
-    _fails_cleanly(tmp_path, path, "--checkpoint", checkpoint, "--no-evaluate",
+    _fails_cleanly(shared_store, tmp_path, path, "--checkpoint", checkpoint, "--no-evaluate",
                    message=f"error: {path}: X does not hold raw counts")
 
 
-def test_input_sharing_too_few_genes_with_the_model_is_refused(tiny_model, tmp_path):
+def test_input_sharing_too_few_genes_with_the_model_is_refused(tiny_model, tmp_path, shared_store):
     checkpoint, _, aligned = tiny_model
     other = ad.AnnData(X=aligned.X.copy(), obs=aligned.obs.copy())
     other.var_names = [f"GENE{i}" for i in range(other.n_vars)]
     path = tmp_path / "other.h5ad"
     other.write_h5ad(path)
-    _fails_cleanly(tmp_path, path, "--checkpoint", checkpoint, message=f"error: {path}:")
+    _fails_cleanly(shared_store, tmp_path, path, "--checkpoint", checkpoint, message=f"error: {path}:")
 
 
-def test_bad_thin_fraction_and_depth_are_refused(tiny_model, tmp_path):
+def test_bad_thin_fraction_and_depth_are_refused(tiny_model, tmp_path, shared_store):
     checkpoint, cells, _ = tiny_model
-    _fails_cleanly(tmp_path, cells, "--checkpoint", checkpoint, "--thin-fraction", "1.5",
+    _fails_cleanly(shared_store, tmp_path, cells, "--checkpoint", checkpoint, "--thin-fraction", "1.5",
                    message="--thin-fraction must be between 0 and 1", code=2)
-    _fails_cleanly(tmp_path, cells, "--checkpoint", checkpoint, "--target-depth", "x9",
+    _fails_cleanly(shared_store, tmp_path, cells, "--checkpoint", checkpoint, "--target-depth", "x9",
                    message="invalid target depth 'x9'")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 
@@ -33,12 +34,14 @@ def section_html(text: str, key: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.slow
 def test_every_section_is_present_and_filled(report_run):
     text = report_run["html"].read_text()
     for key, title in SECTIONS:
         assert title in section_html(text, key)
-    assert "pbmc" in section_html(text, "qc") and "max_pct_mt" in section_html(text, "qc")  # the QC JSON
-    assert "cells_in" in section_html(text, "qc")  # uns['scfm']['qc'] of the input
+    qc = section_html(text, "qc")
+    for fragment in ("pbmc_a", "pbmc_b", "cells_out", "removed by min_cells", "pct_counts_mt"):
+        assert fragment in qc, fragment
     umaps = section_html(text, "umap")
     for colour in (LABEL_KEY, "scfm_cell_type", "batch", "total_counts"):
         assert f"coloured by {colour}" in umaps
@@ -50,7 +53,8 @@ def test_every_section_is_present_and_filled(report_run):
     provenance = section_html(text, "provenance")
     for package in ("scfm", "torch", "scanpy", "scikit-learn"):
         assert f"<td>{package}</td>" in provenance
-    assert "pca-stand-in" in provenance  # uns['scfm']['embed'] of the input
+    for fragment in ('"embed"', '"annotate"', '"vocab_sha256"', '"target_depth"'):  # uns['scfm'] of the inputs
+        assert html.escape(fragment) in provenance, fragment
     metrics = section_html(text, "metrics")
     for name in ("knn_accuracy", "ari", "nmi", "silhouette", "batch_asw"):
         assert f"<td>{name}</td>" in metrics
@@ -93,6 +97,7 @@ def _expected(adata, key, seed):
     }
 
 
+@pytest.mark.slow
 def test_metrics_json_equals_independent_computation(report_run):
     result = json.loads(report_run["metrics_json"].read_text())
     adata = report_run["annotated"].copy()
@@ -122,6 +127,7 @@ def test_metrics_json_equals_independent_computation(report_run):
     assert annotation["unknown_fraction"] == pytest.approx(np.mean(predicted == "unknown"))
 
 
+@pytest.mark.slow
 def test_metrics_are_logged_to_mlflow(report_run):
     from mlflow.tracking import MlflowClient
 
@@ -134,7 +140,7 @@ def test_metrics_are_logged_to_mlflow(report_run):
     assert logged["pca.ari"] == pytest.approx(result["embeddings"]["PCA"]["ari"])
     assert logged["annotation.accuracy"] == pytest.approx(result["annotation"]["accuracy"])
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
-    assert {"report.html", "report.metrics.json"} <= artifacts
+    assert {"demo.report.html", "demo.report.metrics.json"} <= artifacts
 
 
 def test_several_inputs_are_combined(embedded_pbmc, tmp_path):
@@ -149,10 +155,10 @@ def test_several_inputs_are_combined(embedded_pbmc, tmp_path):
     assert len(uns_list) == 2
 
 
-def _fails_cleanly(tmp_path, *args, message):
+def _fails_cleanly(shared_store, tmp_path, *args, message):
     out = tmp_path / "out" / "report.html"
     result = CliRunner().invoke(
-        cli, ["report", *map(str, args), "-o", str(out), "--mlflow-uri", f"sqlite:///{tmp_path}/m.db"],
+        cli, ["report", *map(str, args), "-o", str(out), "--mlflow-uri", shared_store],
         catch_exceptions=False,
     )
     assert result.exit_code == 1, result.output
@@ -161,25 +167,25 @@ def _fails_cleanly(tmp_path, *args, message):
     assert not list(out.parent.glob(".report*")), "no temporary left behind"
 
 
-def test_missing_embedding_is_refused(embedded_pbmc, tmp_path):
+def test_missing_embedding_is_refused(embedded_pbmc, tmp_path, shared_store):
     _, adata = embedded_pbmc
     bare = adata.copy()
     del bare.obsm["X_scfm"]
     path = tmp_path / "bare.h5ad"
     bare.write_h5ad(path)
-    _fails_cleanly(tmp_path, path, message=f"error: {path}: no embedding obsm['X_scfm']")
+    _fails_cleanly(shared_store, tmp_path, path, message=f"error: {path}: no embedding obsm['X_scfm']")
 
 
-def test_unknown_label_or_batch_key_is_refused(embedded_pbmc, tmp_path):
+def test_unknown_label_or_batch_key_is_refused(embedded_pbmc, tmp_path, shared_store):
     path, _ = embedded_pbmc
-    _fails_cleanly(tmp_path, path, "--label-key", "celltype",
+    _fails_cleanly(shared_store, tmp_path, path, "--label-key", "celltype",
                    message=f"error: {path}: --label-key 'celltype' is not an obs column")
-    _fails_cleanly(tmp_path, path, "--batch-key", "donor",
+    _fails_cleanly(shared_store, tmp_path, path, "--batch-key", "donor",
                    message=f"error: {path}: --batch-key 'donor' is not an obs column")
 
 
-def test_broken_qc_json_is_refused(embedded_pbmc, tmp_path):
+def test_broken_qc_json_is_refused(embedded_pbmc, tmp_path, shared_store):
     path, _ = embedded_pbmc
     broken = tmp_path / "qc.json"
     broken.write_text("{not json")
-    _fails_cleanly(tmp_path, path, "--qc-json", broken, message=f"error: {broken}: cannot read QC JSON")
+    _fails_cleanly(shared_store, tmp_path, path, "--qc-json", broken, message=f"error: {broken}: cannot read QC JSON")

@@ -20,6 +20,7 @@ def chromium() -> str:
     pytest.fail("headless Chromium is required (Debian: apt-get install chromium)")
 
 
+@pytest.mark.slow
 def test_every_image_is_an_inline_png(report_run):
     text = report_run["html"].read_text()
     sources = re.findall(r'<img[^>]*\ssrc="([^"]*)"', text)
@@ -32,6 +33,7 @@ def test_every_image_is_an_inline_png(report_run):
         assert image.width > 100 and image.height > 100
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(report_run, tmp_path):
     shot = tmp_path / "report.png"
     proc = subprocess.run(

@@ -125,15 +125,14 @@ def linked_training_runs(uri: str | None, run_ids: Sequence[str]) -> list[str]:
     client = MlflowClient(tracking_uri=uri)
     try:
         experiment_id = client.get_run(parent).info.experiment_id
-        steps = ", ".join(f"'{s}'" for s in TRAINING_STEPS)
         found = client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.`scfm.step` IN ({steps})",
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
             order_by=["attributes.start_time ASC"],
         )
     except Exception:
         return []  # a report without curves beats no report
-    return [run.info.run_id for run in found]
+    return [run.info.run_id for run in found if run.data.tags.get("scfm.step") in TRAINING_STEPS]
 
 
 def read_metric_histories(uri: str, run_id: str) -> tuple[str, dict[str, list[tuple[int, float]]]]:
