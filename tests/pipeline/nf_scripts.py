@@ -39,20 +39,30 @@ def parse_process(path: Path) -> Process:
     return Process(name, path, groovy, shell)
 
 
+def balanced(text: str, start: int) -> int:
+    """Index just past the bracket closing the one at ``text[start]``."""
+    pairs = {"{": "}", "(": ")", "[": "]"}
+    opening, closing = text[start], pairs[text[start]]
+    depth, i = 0, start
+    while True:
+        depth += (text[i] == opening) - (text[i] == closing)
+        i += 1
+        if depth == 0:
+            return i
+
+
 def modules_config_ext_args() -> dict[str, str]:
     """``withName: 'QC' { ext.args = ... }`` → {"QC": "<the ext.args expression>"}."""
     text = (REPO / "conf" / "modules.config").read_text()
     found = {}
     for match in re.finditer(r"withName:\s*'([^']+)'\s*\{", text):
-        depth, i = 1, match.end()
-        while depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        body = text[match.end() : i]
-        args = re.search(r"ext\.args\s*=\s*(\{.*?\n        \}|\{.*?\}|\".*?\"|'.*?')", body, re.S)
+        body = text[match.end() - 1 : balanced(text, match.end() - 1)]
+        args = re.search(r"ext\.args\s*=\s*", body)
         if args:
+            start = args.end()
+            end = balanced(body, start) if body[start] == "{" else body.index("\n", start)
             for process in match.group(1).split("|"):
-                found[process] = args.group(1)
+                found[process] = body[start:end]
     return found
 
 
