@@ -189,3 +189,20 @@ def test_broken_qc_json_is_refused(embedded_pbmc, tmp_path, shared_store):
     broken = tmp_path / "qc.json"
     broken.write_text("{not json")
     _fails_cleanly(shared_store, tmp_path, path, "--qc-json", broken, message=f"error: {broken}: cannot read QC JSON")
+
+
+def test_label_metrics_use_labelled_cells_only(embedded_pbmc):
+    from scfm.report.metrics import embedding_metrics
+
+    _, adata = embedded_pbmc
+    adata = adata.copy()
+    labels = adata.obs[LABEL_KEY].astype(object)
+    labels.iloc[::3] = np.nan  # a third of the cells come from an unlabelled sample
+    adata.obs[LABEL_KEY] = labels
+    result, clusters = embedding_metrics(adata, "X_scfm", label_key=LABEL_KEY, batch_key="batch", seed=1)
+    known = adata.obs[LABEL_KEY].notna().to_numpy()
+    y = adata.obs[LABEL_KEY][known].astype(str).to_numpy()
+    assert result["n_labelled_cells"] == known.sum()
+    assert result["ari"] == pytest.approx(adjusted_rand_score(y, clusters[known]))
+    assert result["silhouette"] == pytest.approx((silhouette_score(adata.obsm["X_scfm"][known], y) + 1) / 2)
+    assert "nan" not in set(y)

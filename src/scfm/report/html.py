@@ -289,7 +289,7 @@ def qc_section(adata, qc_summaries: list[tuple[str, Any]], qc_columns: list[str]
 def metrics_section(result: dict) -> str:
     embeddings = result["embeddings"]
     names = list(embeddings)
-    keys = ["knn_accuracy", "ari", "nmi", "silhouette", "batch_asw", "n_leiden_clusters", "n_dims"]
+    keys = ["knn_accuracy", "ari", "nmi", "silhouette", "batch_asw", "n_leiden_clusters", "n_labelled_cells", "n_dims"]
     rows = [(key, *[embeddings[n].get(key) for n in names]) for key in keys if any(key in embeddings[n] for n in names)]
     parts = [table(rows, header=("metric", *names))]
     parts.append(
@@ -433,7 +433,7 @@ def build_report(
         sc.tl.umap(adata, random_state=seed)  # on the graph the metrics just built for this embedding
         coords[name] = adata.obsm["X_umap"].copy()
         bar.update()
-    if "scfm_cell_type" in adata.obs and label_key:
+    if "scfm_cell_type" in adata.obs and label_key and adata.obs[label_key].notna().any():
         result["annotation"] = M.annotation_metrics(adata.obs["scfm_cell_type"], adata.obs[label_key])
 
     colourings = []

@@ -102,15 +102,20 @@ def embedding_metrics(
     embedding = np.asarray(adata.obsm[embedding_key], dtype=np.float64)
     clusters = leiden_clusters(adata, embedding_key, seed=seed)
     result: dict = {"n_dims": int(embedding.shape[1]), "n_leiden_clusters": int(len(np.unique(clusters)))}
-    labels = usable_labels(adata.obs[label_key]) if label_key else None
+    # label metrics use the labelled cells only (a combined report may join labelled and unlabelled samples)
+    labelled = adata.obs[label_key].notna().to_numpy() if label_key else np.zeros(adata.n_obs, dtype=bool)
+    labels = usable_labels(adata.obs[label_key][labelled]) if label_key else None
     if labels is not None:
-        result["ari"] = float(adjusted_rand_score(labels, clusters))
-        result["nmi"] = float(normalized_mutual_info_score(labels, clusters))
-        result["silhouette"] = silhouette(embedding, labels, seed=seed)
-        result["knn_accuracy"] = knn_accuracy(embedding, labels, seed=seed)
+        x, groups = embedding[labelled], clusters[labelled]
+        result["n_labelled_cells"] = int(labelled.sum())
+        result["ari"] = float(adjusted_rand_score(labels, groups))
+        result["nmi"] = float(normalized_mutual_info_score(labels, groups))
+        result["silhouette"] = silhouette(x, labels, seed=seed)
+        result["knn_accuracy"] = knn_accuracy(x, labels, seed=seed)
     batches = usable_labels(adata.obs[batch_key]) if batch_key else None
     if batches is not None:
-        result["batch_asw"] = batch_asw(embedding, batches, labels, seed=seed)
+        all_labels = None if labels is None or not labelled.all() else labels
+        result["batch_asw"] = batch_asw(embedding, batches, all_labels, seed=seed)
     return result, clusters
 
 
@@ -118,8 +123,9 @@ def annotation_metrics(predicted, truth) -> dict:
     """Agreement of ``scfm_cell_type`` with known labels, with the confusion matrix (rows = truth)."""
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
-    predicted = pd.Series(predicted).astype(str).to_numpy()
-    truth = pd.Series(truth).astype(str).to_numpy()
+    known = pd.Series(truth).notna().to_numpy()
+    predicted = pd.Series(predicted).astype(str).to_numpy()[known]
+    truth = pd.Series(truth).astype(str).to_numpy()[known]
     truth_classes = sorted(np.unique(truth))
     predicted_classes = sorted(set(np.unique(predicted)) - set(truth_classes))  # e.g. "unknown"
     classes = truth_classes + predicted_classes
