@@ -156,9 +156,7 @@ def demo(output, quick, mlflow_uri, seed, quiet):
     """Run QC -> align -> pretrain -> fine-tune -> embed -> annotate -> enhance -> report on bundled PBMCs."""
     from scfm.demo import print_summary, run_demo
 
-    # the demo's own store (in OUTPUT) unless --mlflow-uri is given explicitly
-    explicit = mlflow_uri if click.get_current_context().get_parameter_source("mlflow_uri").name == "COMMANDLINE" else None
-    summary = run_demo(output, quick=quick, seed=seed, quiet=quiet, mlflow_uri=explicit)
+    summary = run_demo(output, quick=quick, seed=seed, quiet=quiet, mlflow_uri=mlflow_uri)
     print_summary(summary)
 
 
