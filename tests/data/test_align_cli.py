@@ -191,3 +191,20 @@ def test_vocab_build_error_leaves_no_file(tmp_path, inputs, store):
     assert result.exit_code == 1
     assert "no gene is detected in at least 100000 cells" in result.output
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["missing-input", "not-counts"])
+def test_vocab_build_bad_input_leaves_no_file(tmp_path, inputs, store, case):
+    root, _, _ = inputs
+    if case == "missing-input":
+        path, message = tmp_path / "nope.h5ad", "file not found"
+    else:
+        path = write_h5ad(tmp_path / "logged.h5ad", [[0.5, 1.2], [0.0, 2.7]], ["A", "B"])
+        message = "non-integer values where raw counts are required"
+    out = tmp_path / "out" / "vocab.tsv"
+    result = invoke("vocab", "build", root / "pbmc.h5ad", path, "-o", out, "--mlflow-uri", store)
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0] and str(path) in lines[0], result.output
+    assert not out.exists()
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

@@ -57,7 +57,8 @@ def test_round_trip_exact_values_and_manifest(tmp_path):
     assert str(table.schema.field("gene_ids").type) == "list<element: int32>"
     assert str(table.schema.field("counts").type) == "list<element: float>"
 
-    ds = ShardDataset(tmp_path / "s", shuffle_buffer=1, shuffle_shards=False, loop=False, obs_columns=["sample", "n_genes"])
+    manifest_file = tmp_path / "s" / "manifest.json"  # a directory or its manifest file both work
+    ds = ShardDataset(manifest_file, shuffle_buffer=1, shuffle_shards=False, loop=False, obs_columns=["sample", "n_genes"])
     cells = list(ds)
     assert [c["cell_id"] for c in cells] == ids
     for i, cell in enumerate(cells):

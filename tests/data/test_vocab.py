@@ -105,3 +105,15 @@ def test_build_fails_when_nothing_passes(tmp_path):
     a = _h5ad(tmp_path / "a.h5ad", [[1, 0], [0, 1]], ["G1", "G2"])
     with pytest.raises(ScfmError, match="no gene is detected in at least 3 cells"):
         build_vocabulary([a], min_cells=3)
+
+
+def test_build_keeps_ensembl_ids_from_inputs(tmp_path):
+    path = tmp_path / "a.h5ad"
+    ad.AnnData(
+        X=sp.csr_matrix(np.array([[1, 2], [3, 0]], dtype=np.float32)),
+        obs=pd.DataFrame(index=["c0", "c1"]),
+        var=pd.DataFrame({"gene_ids": ["ENSG00000141510.12", "ENSG00000198851.3"]}, index=["TP53", "CD3E"]),
+    ).write_h5ad(path)
+    vocab = build_vocabulary([path], min_cells=1)
+    assert vocab.genes == ["TP53", "CD3E"]
+    assert vocab.ensembl_ids == ["ENSG00000141510", "ENSG00000198851"]
