@@ -26,7 +26,7 @@ def frozen_run(train_data, tmp_path_factory):
     out = root / "classifier"
     proc = subprocess.run(
         [sys.executable, str(BIN / "scfm-finetune"), train_data["aligned"], "-o", out,
-         "--checkpoint", train_data["checkpoint"], "--label-key", LABEL_KEY, "--epochs", "25", "--seed", "1",
+         "--checkpoint", train_data["checkpoint"], "--label-key", LABEL_KEY, "--epochs", "15", "--seed", "1",
          "--quiet"],
         capture_output=True, text=True,
     )
@@ -57,7 +57,7 @@ def test_classifier_directory_and_held_out_metrics(frozen_run, pbmc_counts):
     assert metrics["test"]["accuracy"] > majority + 0.1
     assert metrics["baseline"]["accuracy"] > majority + 0.1
     assert 0 < metrics["test"]["macro_f1"] <= 1 and 0 < metrics["baseline"]["macro_f1"] <= 1
-    assert 1 <= metrics["best_epoch"] <= metrics["epochs_run"] <= 25
+    assert 1 <= metrics["best_epoch"] <= metrics["epochs_run"] <= 15
 
 
 def test_head_applies_to_scfm_embed_output(frozen_run, train_data, pbmc_counts):
