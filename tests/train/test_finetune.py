@@ -156,3 +156,35 @@ def test_unfrozen_last_layer_logged_to_an_mlflow_server(train_data, tmp_path, ml
     assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["test"]["accuracy"])
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"metrics.json", "classifier"}
     assert not (tmp_path / "mlflow.db").exists()  # the server, not the default store
+
+
+def test_finetune_starts_from_an_official_style_ckpt(train_data, tmp_path):
+    """The released file layout (random weights here) with --vocab, encoder frozen."""
+    from scfm.model.checkpoint import load_checkpoint, write_official_style_checkpoint
+    from scfm.train.finetune import FinetuneSettings, finetune, load_classifier
+
+    config = load_checkpoint(train_data["checkpoint"]).config
+    ckpt = write_official_style_checkpoint(tmp_path / "models.ckpt", config, seed=2, versions=("cell",))
+    out = tmp_path / "classifier"
+    metrics = finetune(FinetuneSettings(
+        input_path=str(train_data["aligned"]), out_dir=str(out), checkpoint=str(ckpt), ckpt_version="ce",
+        vocab=str(train_data["vocab"]), label_key=LABEL_KEY, epochs=3, quiet=True,
+    ))
+    assert metrics["test"]["n_cells"] == metrics["split_sizes"]["test"]
+    classifier = load_classifier(out)
+    assert classifier.config["source_checkpoint"].startswith("official:")
+    assert classifier.model.config == config
+
+
+def test_load_classifier_names_what_is_missing(frozen_run, tmp_path):
+    import shutil
+
+    from scfm.errors import ScfmError
+    from scfm.train.finetune import load_classifier
+
+    _, out = frozen_run
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "head.safetensors").unlink()
+    with pytest.raises(ScfmError, match="head.safetensors is missing"):
+        load_classifier(broken)
