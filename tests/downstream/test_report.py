@@ -6,7 +6,6 @@ import html
 import json
 import re
 
-import anndata as ad
 import numpy as np
 import pytest
 import scanpy as sc
