@@ -205,3 +205,16 @@ def test_label_metrics_use_labelled_cells_only(embedded_pbmc):
     assert result["ari"] == pytest.approx(adjusted_rand_score(y, clusters[known]))
     assert result["silhouette"] == pytest.approx((silhouette_score(adata.obsm["X_scfm"][known], y) + 1) / 2)
     assert "nan" not in set(y)
+
+
+def test_large_inputs_are_subsampled_with_the_seed(embedded_pbmc):
+    from scfm.report.html import subsample_cells
+
+    _, adata = embedded_pbmc
+    subset, total = subsample_cells(adata, 200, seed=4)
+    again, _ = subsample_cells(adata, 200, seed=4)
+    assert total == adata.n_obs and subset.n_obs == 200
+    assert list(subset.obs_names) == list(again.obs_names)
+    assert set(subset.obs_names) <= set(adata.obs_names)
+    whole, _ = subsample_cells(adata, 10_000, seed=4)
+    assert whole.n_obs == adata.n_obs

@@ -115,8 +115,10 @@ def enhance(input, output, checkpoint, version, vocab, target_depth, layer, eval
 @click.option("--metrics-json", type=click.Path(dir_okay=False), default=None,
               help="Where to write the metrics JSON (default: <report stem>.metrics.json next to the HTML).")
 @click.option("--title", default=None, help="Report title.")
+@click.option("--max-cells", type=click.IntRange(min=100), default=50_000, show_default=True,
+              help="Report on a seeded random subset of at most this many cells.")
 @step_options
-def report(inputs, output, embedding_key, label_key, batch_key, qc_json, run_ids, metrics_json, title,
+def report(inputs, output, embedding_key, label_key, batch_key, qc_json, run_ids, metrics_json, title, max_cells,
            mlflow_uri, seed, quiet):
     """Write one self-contained HTML report (and a metrics JSON) for embedded h5ad INPUTS.
 
@@ -132,11 +134,11 @@ def report(inputs, output, embedding_key, label_key, batch_key, qc_json, run_ids
     loaded = load_report_inputs(inputs, embedding_key=embedding_key, label_key=label_key, batch_key=batch_key,
                                 qc_json=qc_json, mlflow_uri=uri, run_ids=run_ids)
     params = {"inputs": list(inputs), "embedding_key": embedding_key, "label_key": label_key,
-              "batch_key": batch_key, "run_ids": list(run_ids), "seed": seed}
+              "batch_key": batch_key, "run_ids": list(run_ids), "max_cells": max_cells, "seed": seed}
     with tracking.step_run("report", uri=uri, params=params) as run:
         text, result = build_report(
             loaded, embedding_key=embedding_key, label_key=label_key, batch_key=batch_key, qc_json=qc_json,
-            run_ids=run_ids, seed=seed, title=title, quiet=quiet,
+            run_ids=run_ids, seed=seed, title=title, max_cells=max_cells, quiet=quiet,
         )
         with atomic_output(metrics_path) as tmp_json, atomic_output(output) as tmp_html:
             tmp_json.write_text(json.dumps(result, indent=2))

@@ -98,6 +98,16 @@ def add_pca_baseline(adata, *, seed: int = 0, n_comps: int = 50) -> str:
     return f"{recipe}, {n_comps} components"
 
 
+def subsample_cells(adata, max_cells: int | None, *, seed: int = 0):
+    """A seeded random subset of at most ``max_cells`` cells (graphs and UMAPs of millions of cells
+    take hours and show nothing more); returns (subset, number of cells before)."""
+    n_total = adata.n_obs
+    if max_cells is None or n_total <= max_cells:
+        return adata, n_total
+    keep = np.sort(np.random.default_rng(seed).choice(n_total, size=max_cells, replace=False))
+    return adata[keep].copy(), n_total
+
+
 def qc_colour_columns(adata) -> list[str]:
     present = [c for c in QC_COLOURS if c in adata.obs and pd.api.types.is_numeric_dtype(adata.obs[c])]
     if not present:  # inputs without QC columns still get depth / complexity colourings
@@ -225,10 +235,12 @@ def _jsonable(value: Any) -> Any:
 # ----------------------------------------------------------------------------- sections
 
 
-def summary_section(adata, inputs: Sequence[str], embedding_key: str, label_key, batch_key) -> str:
+def summary_section(adata, inputs: Sequence[str], embedding_key: str, label_key, batch_key, n_input_cells) -> str:
+    cells = adata.n_obs if n_input_cells == adata.n_obs else (
+        f"{adata.n_obs} (a seeded random subset of the {n_input_cells} input cells; see --max-cells)")
     rows = [
         ("inputs", ", ".join(map(str, inputs))),
-        ("cells", adata.n_obs),
+        ("cells", cells),
         ("genes", adata.n_vars),
         ("embedding", f"obsm['{embedding_key}'] ({adata.obsm[embedding_key].shape[1]} dims)"),
         ("label key", label_key or "none"),
@@ -402,12 +414,14 @@ def build_report(
     run_ids: Sequence[str] = (),
     seed: int = 0,
     title: str | None = None,
+    max_cells: int | None = 50_000,
     quiet: bool = False,
 ) -> tuple[str, dict]:
     """Compute metrics and figures for loaded inputs; return (HTML text, metrics dict)."""
     from scfm.utils import progress
 
-    inputs, adata, uns_list = loaded.paths, loaded.adata, loaded.uns_list
+    inputs, uns_list = loaded.paths, loaded.uns_list
+    adata, n_input_cells = subsample_cells(loaded.adata, max_cells, seed=seed)
     qc_summaries, curves = loaded.qc_summaries, loaded.curves
 
     bar = progress(total=6, desc="report", unit="stage", quiet=quiet)
@@ -415,6 +429,7 @@ def build_report(
     bar.update()
     result: dict = {
         "n_cells": int(adata.n_obs),
+        "n_input_cells": int(n_input_cells),
         "inputs": inputs,
         "embedding_key": embedding_key,
         "label_key": label_key,
@@ -481,7 +496,7 @@ def build_report(
     }
     result["versions"] = package_versions()
     bodies = {
-        "summary": summary_section(adata, inputs, embedding_key, label_key, batch_key),
+        "summary": summary_section(adata, inputs, embedding_key, label_key, batch_key, n_input_cells),
         "qc": qc_section(adata, qc_summaries, qc_columns),
         "metrics": metrics_section(result),
         "umap": umap_body,
