@@ -121,3 +121,17 @@ def test_bad_thin_fraction_and_depth_are_refused(tiny_model, tmp_path, shared_st
                    message="--thin-fraction must be between 0 and 1", code=2)
     _fails_cleanly(shared_store, tmp_path, cells, "--checkpoint", checkpoint, "--target-depth", "x9",
                    message="invalid target depth 'x9'")
+
+
+def test_enhancing_again_replaces_the_layer(enhanced, tmp_path, shared_store):
+    path, first = enhanced
+    again = tmp_path / "again.h5ad"
+    result = CliRunner().invoke(cli, ["enhance", str(path), "-o", str(again), "--checkpoint",
+                                      str(first.uns["scfm"]["enhance"]["checkpoint"]), "--target-depth", "t5",
+                                      "--no-evaluate", "--batch-size", "16", "--mlflow-uri", shared_store],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    second = ad.read_h5ad(again)
+    assert second.uns["scfm"]["enhance"]["target_depth"] == "t5"
+    assert "evaluation" not in second.uns["scfm"]["enhance"]
+    assert not np.allclose(second.layers["scfm_enhanced"], first.layers["scfm_enhanced"])

@@ -133,6 +133,8 @@ def enhance_file(
     batch_size: int = 8, device: str = "auto", seed: int = 0, quiet: bool = False,
 ) -> dict:
     """Write INPUT + ``layers[layer]`` (predicted log1p CP10k at ``target_depth``); return settings + evaluation."""
+    import h5py
+
     from scfm.model.checkpoint import load_checkpoint
     from scfm.model.inputs import parse_target_depth
     from scfm.tasks.embed import predict_expression
@@ -147,9 +149,6 @@ def enhance_file(
     model = loaded.model.float().eval()
     adata = read_aligned(input_path, loaded.vocab)
 
-    with progress(total=adata.n_obs, desc="enhance", unit="cells", quiet=quiet) as bar:
-        adata.layers[layer] = predict_expression(model, adata.X, target_depth=target_depth, batch_size=batch_size,
-                                                 device=device, progress=bar)
     settings = {
         "checkpoint": os.fspath(checkpoint), "checkpoint_source": loaded.source.split(":")[0], "version": version,
         "target_depth": target_depth, "layer": layer, "scale": "log1p counts per 10k", "n_cells": int(adata.n_obs),
@@ -165,4 +164,26 @@ def enhance_file(
     adata.uns["scfm"] = scfm
     with atomic_output(output_path) as tmp:
         adata.write_h5ad(tmp)
+        # the prediction is dense (cells x every vocabulary gene): stream it into the file, never into memory
+        with h5py.File(tmp, "r+") as handle:
+            target = dense_layer_dataset(handle, layer, (adata.n_obs, len(loaded.vocab)))
+            with progress(total=adata.n_obs, desc="enhance", unit="cells", quiet=quiet) as bar:
+                predict_expression(model, adata.X, target_depth=target_depth, batch_size=batch_size, device=device,
+                                   progress=bar, out=target)
     return settings
+
+
+def dense_layer_dataset(handle, name: str, shape: tuple[int, int]):
+    """An empty float32 ``layers/<name>`` in an open h5ad, chunked by rows, readable by anndata."""
+    layers = handle.require_group("layers")
+    if "encoding-type" not in layers.attrs:
+        layers.attrs["encoding-type"] = "dict"
+        layers.attrs["encoding-version"] = "0.1.0"
+    if name in layers:
+        del layers[name]  # an earlier enhancement of the same input is replaced
+    rows_per_chunk = max(1, min(shape[0], (1 << 20) // max(shape[1], 1)))  # ~4 MB chunks
+    chunks = (rows_per_chunk, shape[1]) if shape[0] else None
+    dataset = layers.create_dataset(name, shape=shape, dtype=np.float32, chunks=chunks)
+    dataset.attrs["encoding-type"] = "array"
+    dataset.attrs["encoding-version"] = "0.2.0"
+    return dataset
