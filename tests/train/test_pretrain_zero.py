@@ -117,3 +117,9 @@ def test_one_process_zero1_from_an_initial_checkpoint(train_data, tmp_path, scfm
     loaded = load_checkpoint(out / "model")
     assert loaded.config == load_checkpoint(train_data["checkpoint"]).config
     assert json.loads((out / "metrics.json").read_text())["world_size"] == 1
+
+    # without --resume a second run into the same directory starts over, leaving no stale checkpoint
+    scfm_bin("pretrain", "--shards", train_data["shards"], "--init-checkpoint", train_data["checkpoint"],
+             "--zero-stage", "1", "-o", out, "--max-steps", "2", "--save-every", "10", *COMMON)
+    assert [r["step"] for r in _log(out)] == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_000002"]

@@ -332,6 +332,9 @@ def pretrain(settings: PretrainSettings) -> dict:
     )
 
     step, micro_step = 0, 0
+    if not settings.resume and launch.is_main and checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)  # a run without --resume starts over: no stale checkpoint to mix with
+    torch.distributed.barrier()
     if settings.resume:
         step, micro_step = load_training_state(engine, checkpoint_dir, dataset, rank)
         _reapply_schedule(engine, settings.warmup_steps, decay_steps, settings.min_lr_ratio)
