@@ -297,7 +297,7 @@ def _all_reduce_mean(value: float, world_size: int) -> float:
 
 
 def pretrain(settings: PretrainSettings) -> dict:
-    """Run (or resume) pretraining; returns the final metrics (on every rank)."""
+    """Run (or resume) pretraining; returns the final metrics on rank 0 (an empty dict on the others)."""
     from scfm import tracking
     from scfm.data.shards import ShardDataset
     from scfm.train.distributed import build_deepspeed_config, init_distributed, initialize_engine
