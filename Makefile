@@ -25,6 +25,9 @@ test: $(BIN)/.installed  ## the whole test suite (what CI runs)
 test-fast: $(BIN)/.installed
 	PATH="$(CURDIR)/$(BIN):$(CURDIR)/bin:$$PATH" $(BIN)/pytest -m "not slow"
 
+lint-nf: $(BIN)/.installed  ## the Nextflow language-server lint alone (needs Java 17)
+	$(BIN)/pytest tests/pipeline/test_nf_lint.py
+
 bench: $(BIN)/.installed
 	$(BIN)/python bench/qc_align.py
 	$(BIN)/python bench/embed.py

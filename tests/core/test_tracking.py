@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -108,38 +103,6 @@ def test_mlflow_init_command_prints_the_same_parent_on_resume(tmp_path, scfm_bin
     first = scfm_bin("mlflow-init", *args).stdout.strip()
     second = scfm_bin("mlflow-init", *args).stdout.strip()
     assert first and first == second
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("mlflow server did not start")
-                time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.mark.slow

@@ -19,7 +19,6 @@ built for the encoder. Precision ``auto`` is bf16 autocast on CUDA and fp32 on C
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 import time
