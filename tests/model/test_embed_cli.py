@@ -169,3 +169,46 @@ def test_convert_errors_leave_no_output(workdir, tmp_path):
     Vocabulary(["A", "B"]).save(short)
     code, output = run("convert", workdir / "models.ckpt", "-o", out, "--vocab", short)
     assert code == 1 and "vocabulary mismatch" in output and not out.exists()
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_embedding_records_the_identity_of_the_loaded_weights(workdir, tmp_path):
+    official = tmp_path / "official.h5ad"
+    assert run("embed", workdir / "pbmc.h5ad", "-o", official, "--checkpoint", workdir / "models.ckpt",
+               "--version", "rde", "--vocab", workdir / "vocab.tsv", "--quiet")[0] == 0
+    settings = ad.read_h5ad(official).uns["scfm"]["embed"]
+    assert settings["checkpoint_sha256"] == f"{_sha256(workdir / 'models.ckpt')}:rde"
+
+
+def test_annotate_refuses_a_reference_from_another_checkpoint_of_the_same_shape(workdir, tmp_path):
+    import shutil
+
+    vocab = Vocabulary.load(workdir / "vocab.tsv")
+    config = ModelConfig.preset("tiny", n_genes=len(vocab))
+    other = save_checkpoint(tmp_path / "other_ckpt", XTrimoGene(config, seed=11), config, vocab)
+    moved = shutil.copytree(workdir / "ckpt", tmp_path / "same_weights_elsewhere")
+    reference, same, different = (tmp_path / f"{name}.h5ad" for name in ("reference", "same", "different"))
+    for out, checkpoint in ((reference, workdir / "ckpt"), (same, moved), (different, other)):
+        code, output = run("embed", workdir / "pbmc.h5ad", "-o", out, "--checkpoint", checkpoint, "--quiet")
+        assert code == 0, output
+    ref_settings = ad.read_h5ad(reference).uns["scfm"]["embed"]
+    assert ref_settings["checkpoint_sha256"] == _sha256(workdir / "ckpt" / "model.safetensors")
+    assert ad.read_h5ad(different).uns["scfm"]["embed"]["checkpoint_sha256"] != ref_settings["checkpoint_sha256"]
+
+    refused = tmp_path / "refused.h5ad"
+    code, output = run("annotate", different, "-o", refused, "--reference", reference, "--label-key", "bulk_labels")
+    assert code == 1, output
+    assert f"error: {reference}: reference was embedded with a different checkpoint" in output
+    assert "checkpoint_sha256" in output
+    assert not refused.exists() and not list(tmp_path.glob(".refused.h5ad*"))
+
+    # the same weights under another path (as a pipeline stages them) are the same reference
+    accepted = tmp_path / "accepted.h5ad"
+    code, output = run("annotate", same, "-o", accepted, "--reference", reference, "--label-key", "bulk_labels")
+    assert code == 0, output
+    assert ad.read_h5ad(accepted).obs["scfm_cell_type"].notna().all()

@@ -6,6 +6,7 @@
     predict_expression(model, counts, *, target_depth="t4", ...) -> np.ndarray  # (cells, n_genes)
     gene_embeddings(model, counts, *, target_depth="t4", ...) -> np.ndarray     # (cells, n_genes, decoder_dim)
     embed_file(input_path, output_path, checkpoint, ...) -> dict                 # what `scfm embed` runs
+    checkpoint_sha256(checkpoint, version="ce") -> str                          # identity of the loaded weights
 
 ``counts`` is cells x genes in the model's vocabulary order: a scipy CSR matrix, or anything with
 ``.shape`` whose row slices ``counts[a:b]`` give a sparse or dense block (e.g. :class:`H5adRows`,
@@ -230,6 +231,33 @@ class H5adRows:
         return sp.csr_matrix((data, indices, ptr - ptr[0]), shape=(stop - start, self.shape[1]))
 
 
+HASH_BLOCK = 1 << 20  # 1 MiB: checkpoints of 100M parameters are far too large to hash in one read
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(HASH_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_sha256(checkpoint, version: str = "ce") -> str:
+    """SHA-256 of the weights that are loaded: ``model.safetensors`` of our checkpoint directory, or an
+    official ``.ckpt`` plus the chosen model (``"<sha>:ce"``), since one file holds several models.
+
+    Paths differ between machines and pipeline tasks; this is what says two embeddings share a model.
+    """
+    from scfm.model.checkpoint import WEIGHTS_FILE
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        return _file_sha256(path / WEIGHTS_FILE)
+    return f"{_file_sha256(path)}:{version}"
+
+
 def _is_aligned(path: Path, vocab) -> bool:
     import h5py
     from anndata.io import read_elem
@@ -339,6 +367,7 @@ def embed_file(
     net, vocab_obj = loaded.model, loaded.vocab
     settings: dict[str, Any] = {
         "checkpoint": str(checkpoint), "checkpoint_source": loaded.source.split(":")[0], "version": version,
+        "checkpoint_sha256": checkpoint_sha256(checkpoint, version),
         "output_type": output_type, "pool": pool, "target_depth": target_depth, "pre_normalized": pre_normalized,
         "batch_size": batch_size, "device": str(dev), "precision": prec, "chunk_size": chunk_size,
         "vocab_sha256": vocab_obj.sha256, "n_genes": len(vocab_obj), "scfm_version": __version__,
