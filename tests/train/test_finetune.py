@@ -159,3 +159,45 @@ def test_load_classifier_names_what_is_missing(frozen_run, tmp_path):
     (broken / "head.safetensors").unlink()
     with pytest.raises(ScfmError, match="head.safetensors is missing"):
         load_classifier(broken)
+
+
+def test_several_inputs_train_on_their_labelled_cells(train_data, pbmc_counts, tmp_path):
+    """Two samples as a pipeline hands them over: one without the label column, one partly labelled."""
+    import anndata as ad
+
+    from scfm.train.finetune import FinetuneSettings, finetune
+
+    aligned = ad.read_h5ad(train_data["aligned"])
+    first, second = aligned[:250].copy(), aligned[250:].copy()
+    del first.obs[LABEL_KEY]
+    labels = second.obs[LABEL_KEY].astype(object)
+    labels.iloc[::10] = np.nan
+    second.obs[LABEL_KEY] = labels
+    paths = [tmp_path / "pbmc_a.aligned.h5ad", tmp_path / "pbmc_b.aligned.h5ad"]
+    first.write_h5ad(paths[0])
+    second.write_h5ad(paths[1])
+    out = tmp_path / "classifier"
+    metrics = finetune(FinetuneSettings(
+        input_path=[str(p) for p in paths], out_dir=str(out), checkpoint=str(train_data["checkpoint"]),
+        label_key=LABEL_KEY, epochs=2, seed=0, quiet=True, mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        min_cells_per_class=20,  # every kept class then reaches each of train / val / test
+    ))
+
+    known = second.obs[LABEL_KEY].notna().to_numpy()
+    split = pd.read_csv(out / "split.csv")
+    assert list(split.columns) == ["cell_id", "input", "label", "split"]
+    assert set(split["input"]) == {"pbmc_b.aligned.h5ad"}
+    kept_classes = set(split["label"])
+    expected = second.obs_names[known][second.obs[LABEL_KEY][known].astype(str).isin(kept_classes)]
+    assert sorted(split["cell_id"]) == sorted(expected)
+    assert sum(metrics["dropped_rare_classes"].values()) == int(known.sum()) - len(split)
+    for part in ("train", "val", "test"):
+        assert set(split.loc[split["split"] == part, "label"]) == kept_classes
+    assert metrics["n_unlabelled"] == first.n_obs + int((~known).sum())
+    assert metrics["inputs"] == [
+        {"input": "pbmc_a.aligned.h5ad", "n_cells": first.n_obs, "n_labelled": 0, "has_label_column": False},
+        {"input": "pbmc_b.aligned.h5ad", "n_cells": second.n_obs, "n_labelled": int(known.sum()),
+         "has_label_column": True},
+    ]
+    assert sum(metrics["split_sizes"].values()) == len(split) == sum(metrics["classes"].values())
+    assert json.loads((out / "metrics.json").read_text())["inputs"] == metrics["inputs"]

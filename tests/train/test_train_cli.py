@@ -159,3 +159,49 @@ def test_finetune_with_one_usable_class(train_data, tmp_path, pbmc_counts):
     assert result.exit_code == 1
     assert "at least two classes" in _error_line(result)
     assert not out.exists()
+
+
+def _aligned_copy(train_data, path, *, vocab_sha256=None, drop_labels=False):
+    import anndata as ad
+
+    adata = ad.read_h5ad(train_data["aligned"])[:100].copy()
+    if vocab_sha256 is not None:
+        adata.uns["scfm"] = {"vocab_sha256": vocab_sha256}
+    if drop_labels:
+        del adata.obs[LABEL_KEY]
+    adata.write_h5ad(path)
+    return path
+
+
+def test_finetune_on_several_inputs_with_another_vocabulary(train_data, tmp_path):
+    other = _aligned_copy(train_data, tmp_path / "other.aligned.h5ad", vocab_sha256="0" * 64)
+    out = tmp_path / "classifier"
+    result = _run("finetune", train_data["aligned"], other, "-o", out, "--checkpoint", train_data["checkpoint"],
+                  "--label-key", LABEL_KEY, "--quiet")
+    assert result.exit_code == 1
+    line = _error_line(result)
+    assert str(other) in line and "another vocabulary" in line
+    assert not out.exists()
+
+
+def test_finetune_when_no_input_has_the_label_column(train_data, tmp_path):
+    a = _aligned_copy(train_data, tmp_path / "a.aligned.h5ad", drop_labels=True)
+    b = _aligned_copy(train_data, tmp_path / "b.aligned.h5ad", drop_labels=True)
+    out = tmp_path / "classifier"
+    result = _run("finetune", a, b, "-o", out, "--checkpoint", train_data["checkpoint"], "--label-key", LABEL_KEY,
+                  "--quiet")
+    assert result.exit_code == 1
+    line = _error_line(result)
+    assert line == f"error: {a}: no obs column '{LABEL_KEY}' in any input (a.aligned.h5ad, b.aligned.h5ad)"
+    assert not out.exists()
+
+
+def test_finetune_inputs_with_the_same_file_name(train_data, tmp_path):
+    (tmp_path / "x").mkdir()
+    twin = _aligned_copy(train_data, tmp_path / "x" / train_data["aligned"].name)
+    out = tmp_path / "classifier"
+    result = _run("finetune", train_data["aligned"], twin, "-o", out, "--checkpoint", train_data["checkpoint"],
+                  "--label-key", LABEL_KEY, "--quiet")
+    assert result.exit_code == 2
+    assert "distinct file names" in _error_line(result)
+    assert not out.exists()

@@ -33,7 +33,12 @@ from scfm.cli.common import step_options
 @click.option("--gradient-clipping", type=float, default=1.0, show_default=True)
 @click.option("--save-every", type=int, default=1000, show_default=True, help="Checkpoint every N steps.")
 @click.option("--keep-checkpoints", type=int, default=2, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue from OUTPUT/checkpoints/latest.")
+@click.option("--resume", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              is_flag=False, flag_value="always",
+              help="auto: continue from the newest complete checkpoint in OUTPUT, start fresh if none; "
+                   "always (also a bare --resume): require one; never: refuse a directory holding checkpoints.")
+@click.option("--overwrite", is_flag=True,
+              help="Start over: delete OUTPUT's checkpoints of an earlier run (with --resume never or auto).")
 @click.option("--shuffle-buffer", type=int, default=1024, show_default=True)
 @click.option("--mask-ratio", type=float, default=0.3, show_default=True, help="Share of nonzero genes masked.")
 @click.option("--zero-mask-ratio", type=float, default=0.03, show_default=True, help="Share of zero genes masked.")
@@ -49,6 +54,22 @@ def pretrain_command(shards, out_dir, mask_ratio, zero_mask_ratio, mask_token_pr
     """Pretrain (or continue pretraining) on Parquet shards with DeepSpeed ZeRO.
 
     Runs as one process, under torchrun/deepspeed, or under srun (Slurm).
+
+    \b
+    Re-running the same command continues the run (--resume auto): it picks the newest checkpoint
+    that every rank finished saving, after checking that the settings that change the math (model,
+    vocabulary, processes, micro batch, grad accumulation, seed, shuffle buffer, masking) are the same;
+    --max-steps, --save-every and the LR schedule may change.
+
+    \b
+    Preemption and requeue (Slurm): on SIGTERM or SIGUSR1 every rank finishes the current step, a
+    checkpoint is saved and scfm exits with code 75 ("preempted"). Ask for the warning signal and a
+    requeue in the batch script, and run the same command again:
+      #SBATCH --requeue --signal=USR1@120
+      srun scfm pretrain --shards S -o RUN ...    # --resume auto is the default
+      [ $? -eq 75 ] && scontrol requeue "$SLURM_JOB_ID"
+    A job requeued by `scontrol requeue` or preempted by a higher-priority job gets SIGTERM the same
+    way and continues from its last checkpoint when it starts again.
     """
     from scfm.train.objective import ObjectiveConfig
     from scfm.train.pretrain import PretrainSettings, pretrain
@@ -65,7 +86,7 @@ def pretrain_command(shards, out_dir, mask_ratio, zero_mask_ratio, mask_token_pr
 
 
 @click.command("finetune")
-@click.argument("input_path", metavar="INPUT.h5ad", type=click.Path())
+@click.argument("input_paths", metavar="INPUT.h5ad...", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Classifier directory to write.")
 @click.option("--checkpoint", required=True, type=click.Path(), help="Our checkpoint dir or an official .ckpt.")
 @click.option("--version", "ckpt_version", type=click.Choice(["ce", "rde", "gene"]), default="ce", show_default=True,
@@ -86,11 +107,15 @@ def pretrain_command(shards, out_dir, mask_ratio, zero_mask_ratio, mask_token_pr
 @click.option("--min-cells-per-class", type=int, default=5, show_default=True,
               help="Classes with fewer labelled cells are left out (and listed in metrics.json).")
 @step_options
-def finetune_command(input_path, out_dir, mlflow_uri, seed, quiet, **options):
-    """Fine-tune a cell-type classifier head on the cell embedding; report accuracy and macro-F1 vs a PCA baseline."""
+def finetune_command(input_paths, out_dir, mlflow_uri, seed, quiet, **options):
+    """Fine-tune a cell-type classifier head on the cell embedding; report accuracy and macro-F1 vs a PCA baseline.
+
+    Several aligned INPUTs (same vocabulary) are trained on together; their cells without a label are
+    left out and counted in metrics.json.
+    """
     from scfm.train.finetune import FinetuneSettings, finetune
 
-    settings = FinetuneSettings(input_path=input_path, out_dir=out_dir, seed=seed, quiet=quiet,
+    settings = FinetuneSettings(input_path=list(input_paths), out_dir=out_dir, seed=seed, quiet=quiet,
                                 mlflow_uri=mlflow_uri, **options)
     metrics = finetune(settings)
     if not quiet:

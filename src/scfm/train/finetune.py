@@ -2,12 +2,15 @@
 
 Recipe, and why:
 
-- **Input**: an aligned h5ad (raw counts in vocabulary order). Its ``uns['scfm']['vocab_sha256']`` must
-  be the checkpoint's, or gene i of the data would feed token i of another vocabulary.
-- **Labels**: cells without a label are left out; classes with fewer than ``min_cells_per_class``
-  cells cannot be split three ways and are left out too (both listed in ``metrics.json``).
-- **Split**: stratified train / validation / test, seeded, written to ``split.csv`` so that anyone
-  can score other methods on the same cells.
+- **Input**: one or several aligned h5ad files (raw counts in vocabulary order). Each one's
+  ``uns['scfm']['vocab_sha256']`` must be the checkpoint's, or gene i of the data would feed token i of
+  another vocabulary.
+- **Labels**: cells without a label (or inputs without the label column) are left out; classes with
+  fewer than ``min_cells_per_class`` cells over all inputs cannot be split three ways and are left
+  out too (all counted in ``metrics.json``, per input under ``inputs``).
+- **Split**: stratified train / validation / test over the labelled cells of all inputs, seeded,
+  written to ``split.csv`` (cell id, its input, label, part) so that anyone can score other methods on
+  the same cells.
 - **Embedding**: the same recipe as ``scfm embed``'s defaults (``log1p(x / total * 1e4)``, T = 4,
   pool ``all``), so the head also works on ``obsm['X_scfm']`` written by ``scfm embed`` from this
   checkpoint. With the encoder frozen (default) the embeddings are computed once; with
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -54,7 +58,7 @@ BASELINE_COMPONENTS = 50
 
 @dataclass
 class FinetuneSettings:
-    input_path: str
+    input_path: str | Sequence[str]  # one aligned h5ad, or several aligned to the same vocabulary
     out_dir: str
     checkpoint: str
     label_key: str
@@ -77,7 +81,18 @@ class FinetuneSettings:
     quiet: bool = False
     mlflow_uri: str | None = None
 
+    @property
+    def input_paths(self) -> list[str]:
+        paths = [self.input_path] if isinstance(self.input_path, (str, Path)) else list(self.input_path)
+        return [str(p) for p in paths]
+
     def validate(self) -> None:
+        if not self.input_paths:
+            raise ScfmUsageError("give at least one aligned INPUT.h5ad")
+        names = [Path(p).name for p in self.input_paths]
+        if len(set(names)) < len(names):
+            raise ScfmUsageError(f"inputs must have distinct file names (split.csv names each cell's input): "
+                                 f"{', '.join(names)}")
         for name in ("epochs", "batch_size", "patience", "min_cells_per_class", "hidden_dim"):
             if getattr(self, name) < 1:
                 raise ScfmUsageError(f"--{name.replace('_', '-')} must be at least 1")
@@ -182,14 +197,15 @@ class LabelledCells:
     counts: sp.csr_matrix  # (cells, n_genes) raw counts, vocabulary order
     labels: np.ndarray  # (cells,) str
     cell_ids: np.ndarray  # (cells,) str
+    inputs: np.ndarray  # (cells,) str: file name of the input each cell came from
     dropped_classes: dict  # class -> cells, too rare to split
     n_unlabelled: int
+    per_input: list  # per input: file name, cells, labelled cells, whether it has the label column
 
 
-def read_labelled_cells(path, label_key: str, vocab, min_cells_per_class: int) -> LabelledCells:
+def _read_aligned(path: Path, vocab):
     import anndata as ad
 
-    path = Path(path)
     if not path.is_file():
         raise ScfmError("input file not found", path)
     try:
@@ -204,23 +220,54 @@ def read_labelled_cells(path, label_key: str, vocab, min_cells_per_class: int) -
                         f"{vocab.sha256[:12]}…)", path)
     if adata.n_vars != len(vocab):
         raise ScfmError(f"{adata.n_vars} genes, the checkpoint's vocabulary has {len(vocab)}", path)
+    return adata
+
+
+def _labelled_rows(adata, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of cells with a non-empty label, labels as str); no column = no labelled cell."""
     if label_key not in adata.obs.columns:
-        raise ScfmError(f"no obs column {label_key!r} (columns: {', '.join(map(str, adata.obs.columns))})", path)
+        return np.zeros(adata.n_obs, dtype=bool), np.full(adata.n_obs, "", dtype=object)
     raw = adata.obs[label_key]
     labelled = raw.notna().to_numpy() & (raw.astype(str).str.strip() != "").to_numpy()
-    labels = raw.astype(str).to_numpy()
-    sizes = pd.Series(labels[labelled]).value_counts()
+    return labelled, raw.astype(str).to_numpy()
+
+
+def read_labelled_cells(paths, label_key: str, vocab, min_cells_per_class: int) -> LabelledCells:
+    """The labelled cells of one or several aligned inputs (all checked before any is used)."""
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    counts, labels, cell_ids, inputs, per_input = [], [], [], [], []
+    for path in paths:
+        adata = _read_aligned(path, vocab)
+        labelled, values = _labelled_rows(adata, label_key)
+        rows = np.flatnonzero(labelled)
+        counts.append(sp.csr_matrix(adata.X, dtype=np.float32)[rows])
+        labels.append(values[rows])
+        cell_ids.append(adata.obs_names.to_numpy()[rows].astype(str))
+        inputs.append(np.full(len(rows), path.name, dtype=object))
+        per_input.append({"input": path.name, "n_cells": int(adata.n_obs), "n_labelled": int(len(rows)),
+                          "has_label_column": label_key in adata.obs.columns})
+        if len(paths) == 1 and not per_input[0]["has_label_column"]:
+            raise ScfmError(f"no obs column {label_key!r} (columns: {', '.join(map(str, adata.obs.columns))})", path)
+    if not any(entry["has_label_column"] for entry in per_input):
+        names = ", ".join(entry["input"] for entry in per_input)
+        raise ScfmError(f"no obs column {label_key!r} in any input ({names})", paths[0])
+    labels_all = np.concatenate(labels).astype(str)
+    sizes = pd.Series(labels_all).value_counts()
     rare = sizes[sizes < min_cells_per_class]
-    keep = labelled & ~np.isin(labels, rare.index.to_numpy())
-    if len(set(labels[keep])) < 2:
+    keep = ~np.isin(labels_all, rare.index.to_numpy())
+    if len(set(labels_all[keep])) < 2:
         raise ScfmError(f"need at least two classes with >= {min_cells_per_class} labelled cells in "
-                        f"obs[{label_key!r}]", path)
-    counts = sp.csr_matrix(adata.X, dtype=np.float32)[np.flatnonzero(keep)]
-    counts.sort_indices()
-    if (np.asarray(counts.sum(axis=1)).ravel() <= 0).any():
-        raise ScfmError("some labelled cells have no counts (run `scfm qc` first)", path)
-    return LabelledCells(counts, labels[keep], adata.obs_names.to_numpy()[keep].astype(str),
-                         {str(k): int(v) for k, v in rare.items()}, int((~labelled).sum()))
+                        f"obs[{label_key!r}]", paths[0])
+    all_counts = sp.vstack(counts, format="csr")[np.flatnonzero(keep)]
+    all_counts.sort_indices()
+    inputs_all = np.concatenate(inputs)[keep].astype(str)
+    empty = np.asarray(all_counts.sum(axis=1)).ravel() <= 0
+    if empty.any():
+        first = paths[[p.name for p in paths].index(inputs_all[np.flatnonzero(empty)[0]])]
+        raise ScfmError("some labelled cells have no counts (run `scfm qc` first)", first)
+    n_unlabelled = sum(entry["n_cells"] - entry["n_labelled"] for entry in per_input)
+    return LabelledCells(all_counts, labels_all[keep], np.concatenate(cell_ids)[keep], inputs_all,
+                         {str(k): int(v) for k, v in rare.items()}, int(n_unlabelled), per_input)
 
 
 def stratified_split(labels: np.ndarray, test_size: float, val_size: float, seed: int) -> np.ndarray:
@@ -420,14 +467,15 @@ def finetune(settings: FinetuneSettings) -> dict:
     if settings.unfreeze_layers > len(model.encoder):
         raise ScfmUsageError(f"--unfreeze-layers {settings.unfreeze_layers}: the encoder has only "
                              f"{len(model.encoder)} layers")
-    cells = read_labelled_cells(settings.input_path, settings.label_key, vocab, settings.min_cells_per_class)
+    cells = read_labelled_cells(settings.input_paths, settings.label_key, vocab, settings.min_cells_per_class)
     classes = sorted(set(cells.labels))
     y = np.searchsorted(np.asarray(classes), cells.labels)
     split = stratified_split(cells.labels, settings.test_size, settings.val_size, settings.seed)
 
     out_dir = Path(settings.out_dir)
     uri = tracking.resolve_uri(settings.mlflow_uri, out_dir.parent)
-    params = {**dataclasses.asdict(settings), "n_cells": len(y), "n_classes": len(classes),
+    params = {**dataclasses.asdict(settings), "input_path": settings.input_paths, "n_cells": len(y),
+              "n_inputs": len(settings.input_paths), "n_classes": len(classes),
               "checkpoint_source": loaded.source, "model": loaded.config.to_dict()}
     with tracking.step_run("finetune", uri=uri, params=params) as run:
         features = EncoderFeatures(model, cells.counts, settings.pool)
@@ -447,6 +495,7 @@ def finetune(settings: FinetuneSettings) -> dict:
             "split_sizes": {s: int((split == s).sum()) for s in ("train", "val", "test")},
             "dropped_rare_classes": cells.dropped_classes,
             "n_unlabelled": cells.n_unlabelled,
+            "inputs": cells.per_input,
             "history": history,
         }
         label_config = {
@@ -462,7 +511,8 @@ def finetune(settings: FinetuneSettings) -> dict:
             save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp / HEAD_FILE))
             (tmp / LABELS_FILE).write_text(json.dumps(label_config, indent=2) + "\n")
             (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-            pd.DataFrame({"cell_id": cells.cell_ids, "label": cells.labels, "split": split}).to_csv(
+            pd.DataFrame({"cell_id": cells.cell_ids, "input": cells.inputs, "label": cells.labels,
+                          "split": split}).to_csv(
                 tmp / SPLIT_FILE, index=False)
         run.log_metrics({
             "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
