@@ -31,7 +31,7 @@ def test_two_process_zero2_learns_and_resumes_exactly(train_data, tmp_path):
     torchrun("pretrain", *data, "-o", part, "--max-steps", "6", "--lr-decay-steps", "12", "--save-every", "3")
     assert [r["step"] for r in _log(part)] == list(range(1, 7))
     assert (part / "checkpoints" / "latest").read_text().strip() == "step_000006"
-    torchrun("pretrain", *data, "-o", part, "--max-steps", "12", "--save-every", "3", "--resume")
+    torchrun("pretrain", *data, "-o", part, "--max-steps", "12", "--save-every", "3")  # --resume auto
 
     full_log, part_log = _log(full), _log(part)
     assert [r["step"] for r in part_log] == [r["step"] for r in full_log] == list(range(1, 13))
@@ -118,8 +118,13 @@ def test_one_process_zero1_from_an_initial_checkpoint(train_data, tmp_path, scfm
     assert loaded.config == load_checkpoint(train_data["checkpoint"]).config
     assert json.loads((out / "metrics.json").read_text())["world_size"] == 1
 
-    # without --resume a second run into the same directory starts over, leaving no stale checkpoint
-    scfm_bin("pretrain", "--shards", train_data["shards"], "--init-checkpoint", train_data["checkpoint"],
-             "--zero-stage", "1", "-o", out, "--max-steps", "2", "--save-every", "10", *COMMON)
+    # --resume never refuses the finished run's directory, and leaves it as it was
+    again = ["pretrain", "--shards", train_data["shards"], "--init-checkpoint", train_data["checkpoint"],
+             "--zero-stage", "1", "-o", out, "--max-steps", "2", "--save-every", "10", *COMMON]
+    refused = scfm_bin(*again, "--resume", "never", check=False)
+    assert refused.returncode == 1 and "--overwrite" in refused.stderr and str(out / "checkpoints") in refused.stderr
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_000003"]
+    # with --overwrite it starts over, leaving no stale checkpoint
+    scfm_bin(*again, "--resume", "never", "--overwrite")
     assert [r["step"] for r in _log(out)] == [1, 2]
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_000002"]

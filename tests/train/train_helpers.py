@@ -26,3 +26,21 @@ def torchrun(step: str, *args, nproc: int = 2, check: bool = True) -> subprocess
         raise AssertionError(f"torchrun scfm-{step} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-8000:]}")
     return proc
+
+
+def scfm_step(step: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+    """``bin/scfm-<step> ARGS`` as one process (usable from module-scoped fixtures)."""
+    proc = subprocess.run([sys.executable, str(BIN / f"scfm-{step}"), *map(str, args)], capture_output=True,
+                          text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"scfm-{step} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def start_step(step: str, *args, stderr_path: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start ``bin/scfm-<step> ARGS`` in the background, its stderr going to a file the test can watch."""
+    import os
+
+    with open(stderr_path, "w") as stderr:
+        return subprocess.Popen([sys.executable, str(BIN / f"scfm-{step}"), *map(str, args)],
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, **(env or {})})

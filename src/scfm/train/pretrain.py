@@ -6,8 +6,9 @@ workers, so the position it reports is exactly the cells consumed).
 
 Output directory::
 
-    checkpoints/step_000050/   DeepSpeed checkpoint (+ scfm_rank<r>.json: loader position, torch RNG)
-    checkpoints/latest         the newest complete checkpoint (written last, by DeepSpeed)
+    checkpoints/step_000050/   DeepSpeed checkpoint (+ scfm_rank<r>.json: loader position, torch RNG,
+                               + scfm_checkpoint.json: written last, once every rank finished saving)
+    checkpoints/latest         the newest complete checkpoint (moved after scfm_checkpoint.json)
     model/                     final consolidated fp32 checkpoint (config.json, model.safetensors, vocab.tsv)
     train_log.jsonl            one line per optimizer step: step, loss, lr, grad_norm, cells_per_s
     loss_curve.png, metrics.json, deepspeed_config.json, mlflow.db (default store)
@@ -16,6 +17,17 @@ Exact resume: a checkpoint holds the model, the optimizer and LR scheduler (Deep
 loader position and torch RNG state (ours). The masking draws come from a generator seeded by
 ``(seed, micro step, rank)`` (see :mod:`scfm.train.objective`), so nothing else needs saving: a
 ``--resume`` run recomputes the uninterrupted run's batches and losses.
+
+Re-runs into the same directory (``--resume``):
+
+- ``auto`` (default) resumes from the newest *complete* checkpoint and starts fresh when there is none;
+  ``always`` requires one; ``never`` refuses a directory holding checkpoints unless ``overwrite``.
+- A checkpoint is complete once its ``scfm_checkpoint.json`` exists: rank 0 writes it after a barrier
+  that every rank reaches only when its own part is on disk, so a save killed halfway is never picked.
+- That file also records the settings that change the math (:func:`math_settings`); resuming with
+  different ones is an error naming the setting, so a resumed run is the run it continues.
+- SIGTERM or SIGUSR1 (Slurm preemption, ``scontrol requeue``, ``--signal=USR1@120``) lets the current
+  step finish, saves a checkpoint and exits with :attr:`Preempted.exit_code`; the next run resumes.
 """
 
 from __future__ import annotations
@@ -24,7 +36,9 @@ import contextlib
 import dataclasses
 import json
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +54,15 @@ from scfm.utils import atomic_output, progress
 CHECKPOINTS = "checkpoints"
 FINAL_MODEL = "model"
 TRAIN_LOG = "train_log.jsonl"
+COMPLETE_MARKER = "scfm_checkpoint.json"
+RESUME_MODES = ("auto", "always", "never")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(ScfmError):
+    """Stopped by SIGTERM/SIGUSR1 after saving a checkpoint; running the same command again continues."""
+
+    exit_code = 75  # EX_TEMPFAIL ("try again later"): tells a requeue script this is not a failure
 
 
 @dataclass
@@ -62,7 +85,8 @@ class PretrainSettings:
     gradient_clipping: float = 1.0
     save_every: int = 1000
     keep_checkpoints: int = 2
-    resume: bool = False
+    resume: str = "auto"  # auto | always | never
+    overwrite: bool = False  # with resume="never": delete an earlier run's checkpoints and start over
     shuffle_buffer: int = 1024
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     seed: int = 0
@@ -70,6 +94,10 @@ class PretrainSettings:
     mlflow_uri: str | None = None
 
     def validate(self) -> None:
+        if self.resume not in RESUME_MODES:
+            raise ScfmUsageError(f"--resume must be one of {', '.join(RESUME_MODES)}, got {self.resume!r}")
+        if self.overwrite and self.resume == "always":
+            raise ScfmUsageError("--overwrite starts over, --resume always continues: give one of them")
         for name in ("micro_batch_size", "grad_accum", "max_steps", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ScfmUsageError(f"--{name.replace('_', '-')} must be at least 1")
@@ -175,14 +203,83 @@ def checkpoint_tag(step: int) -> str:
 
 
 def latest_tag(checkpoint_dir: Path) -> str | None:
-    latest = checkpoint_dir / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
+    """The newest complete checkpoint: the newest step dir with its completion marker.
+
+    ``latest`` is only a convenience for DeepSpeed's tools; the markers decide, so a save killed
+    after some ranks wrote their part (or before ``latest`` moved) is passed over.
+    """
+    complete = [p.name for p in step_dirs(checkpoint_dir) if (p / COMPLETE_MARKER).is_file()]
+    return complete[-1] if complete else None
+
+
+def step_dirs(checkpoint_dir: Path) -> list[Path]:
+    return sorted(p for p in checkpoint_dir.glob("step_*") if p.is_dir())
+
+
+def math_settings(settings: PretrainSettings, config, vocab, world_size: int, zero_stage: int) -> dict:
+    """What a resumed run must share with its checkpoint to continue the same computation.
+
+    Keys are the names users know (flags); the step horizon, LR schedule and saving may change.
+    """
+    return {
+        "model config": config.to_dict(),
+        "vocabulary (sha256)": vocab.sha256,
+        "number of processes (world size)": world_size,
+        "--zero-stage": zero_stage,
+        "--micro-batch-size": settings.micro_batch_size,
+        "--grad-accum": settings.grad_accum,
+        "--seed": settings.seed,
+        "--shuffle-buffer": settings.shuffle_buffer,
+        **{f"--{k.replace('_', '-')}": v for k, v in settings.objective.to_dict().items()},
+    }
+
+
+def check_same_math(saved: dict, current: dict, tag: str, checkpoint_dir: Path) -> None:
+    current = json.loads(json.dumps(current))  # tuples → lists, as they were saved
+    for name, value in current.items():
+        before = saved.get(name)
+        if before == value:
+            continue
+        if isinstance(value, dict) and isinstance(before, dict):
+            key = next(k for k in sorted(set(value) | set(before)) if value.get(k) != before.get(k))
+            name, value, before = f"{name} ({key})", value.get(key), before.get(key)
+        raise ScfmError(f"cannot resume: checkpoint {tag} was written with {name} = {_show(before)}, this run has "
+                        f"{_show(value)} (use the same setting, or --resume never --overwrite to start over)",
+                        checkpoint_dir)
+
+
+def _show(value) -> str:
+    if isinstance(value, str) and len(value) == 64:
+        return value[:12] + "…"  # a sha256
+    return json.dumps(value)
+
+
+def read_checkpoint_record(checkpoint_dir: Path, tag: str) -> dict:
+    return json.loads((checkpoint_dir / tag / COMPLETE_MARKER).read_text())
+
+
+def plan_start(settings: PretrainSettings, checkpoint_dir: Path, math: dict) -> str | None:
+    """Which checkpoint tag this run resumes from (None: start fresh); refuses what --resume forbids."""
+    tag = latest_tag(checkpoint_dir)
+    if settings.resume == "always" and tag is None:
+        raise ScfmError("--resume always: no checkpoint to resume from (none complete)", checkpoint_dir)
+    if settings.resume == "never" or settings.overwrite:
+        if step_dirs(checkpoint_dir) and not settings.overwrite:
+            raise ScfmError("--resume never: the directory holds checkpoints of an earlier run (continue it with "
+                            "--resume auto, or start over with --overwrite)", checkpoint_dir)
+        return None
+    if tag is not None:
+        check_same_math(read_checkpoint_record(checkpoint_dir, tag).get("math", {}), math, tag, checkpoint_dir)
+    return tag
 
 
 def save_training_state(engine, checkpoint_dir: Path, step: int, micro_step: int, dataset, rank: int,
-                        keep: int) -> None:
-    """Each rank's loader position and RNG first, then DeepSpeed's states, whose ``latest`` marks completion."""
+                        keep: int, math: dict) -> str:
+    """Every rank's part, a barrier, then rank 0 marks the checkpoint complete and moves ``latest``."""
     tag = checkpoint_tag(step)
+    if rank == 0 and (checkpoint_dir / tag).exists():
+        shutil.rmtree(checkpoint_dir / tag)  # leftovers of a save that was killed: nothing to mix in
+    torch.distributed.barrier()
     (checkpoint_dir / tag).mkdir(parents=True, exist_ok=True)
     state = {
         "step": step,
@@ -192,21 +289,30 @@ def save_training_state(engine, checkpoint_dir: Path, step: int, micro_step: int
     }
     with atomic_output(checkpoint_dir / tag / f"scfm_rank{rank}.json") as tmp:
         tmp.write_text(json.dumps(state))
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"step": step, "micro_step": micro_step})
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"step": step, "micro_step": micro_step},
+                           save_latest=False)
+    torch.distributed.barrier()  # every rank's files are on disk
     if rank == 0:
+        record = {"step": step, "micro_step": micro_step, "math": math}
+        with atomic_output(checkpoint_dir / tag / COMPLETE_MARKER) as tmp:
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+        with atomic_output(checkpoint_dir / "latest") as tmp:
+            tmp.write_text(tag)
         _prune_checkpoints(checkpoint_dir, keep)
+    torch.distributed.barrier()
+    return tag
 
 
 def _prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:
-    tags = sorted(p for p in checkpoint_dir.glob("step_*") if p.is_dir())
-    for old in tags[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Keep the newest ``keep`` complete checkpoints; incomplete ones are only debris of killed saves."""
+    complete = [p for p in step_dirs(checkpoint_dir) if (p / COMPLETE_MARKER).is_file()]
+    kept = set(complete[-keep:])
+    for old in step_dirs(checkpoint_dir):
+        if old not in kept:
+            shutil.rmtree(old, ignore_errors=True)
 
 
-def load_training_state(engine, checkpoint_dir: Path, dataset, rank: int) -> tuple[int, int]:
-    tag = latest_tag(checkpoint_dir)
-    if tag is None:
-        raise ScfmError("--resume: no checkpoint to resume from (checkpoints/latest is missing)", checkpoint_dir)
+def load_training_state(engine, checkpoint_dir: Path, tag: str, dataset, rank: int) -> tuple[int, int]:
     rank_file = checkpoint_dir / tag / f"scfm_rank{rank}.json"
     if not rank_file.is_file():
         raise ScfmError(f"--resume: checkpoint {tag} has no state for rank {rank} (was it written with another "
@@ -221,6 +327,36 @@ def load_training_state(engine, checkpoint_dir: Path, dataset, rank: int) -> tup
     dataset.load_state_dict(state["loader"])
     torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
     return int(state["step"]), int(state["micro_step"])
+
+
+class StopRequest:
+    """Remembers a SIGTERM/SIGUSR1 instead of dying, so the loop can save first (main thread only)."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, _frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def any_rank_stopping(stop: StopRequest, world_size: int) -> bool:
+    """Ranks get the signal at different moments; they must agree on the step at which all of them save."""
+    if world_size == 1:
+        return stop.signal_name is not None
+    flag = torch.tensor([int(stop.signal_name is not None)])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def consolidated_state_dict(engine, checkpoint_dir: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -300,15 +436,13 @@ def pretrain(settings: PretrainSettings) -> dict:
     """Run (or resume) pretraining; returns the final metrics on rank 0 (an empty dict on the others)."""
     from scfm import tracking
     from scfm.data.shards import ShardDataset
-    from scfm.train.distributed import build_deepspeed_config, init_distributed, initialize_engine
+    from scfm.train.distributed import (build_deepspeed_config, detect_launch_env, init_distributed,
+                                        initialize_engine)
 
     settings.validate()
     out_dir = Path(settings.out_dir)
     checkpoint_dir = out_dir / CHECKPOINTS
     manifests, vocab, config, initial = open_inputs(settings)
-    if settings.resume and latest_tag(checkpoint_dir) is None:
-        raise ScfmError("--resume: no checkpoint to resume from (checkpoints/latest is missing)", checkpoint_dir)
-
     ds_config = build_deepspeed_config(
         zero_stage=settings.zero_stage,
         config_path=settings.deepspeed_config,
@@ -316,7 +450,12 @@ def pretrain(settings: PretrainSettings) -> dict:
         grad_accum=settings.grad_accum,
         gradient_clipping=settings.gradient_clipping,
     )
-    launch = init_distributed()
+    launch = detect_launch_env()  # the layout only: refusals below come before any process group
+    math = math_settings(settings, config, vocab, launch.world_size, ds_config["zero_optimization"]["stage"])
+    resume_tag = plan_start(settings, checkpoint_dir, math)
+    resuming = resume_tag is not None
+
+    launch = init_distributed(launch)
     rank, world_size = launch.rank, launch.world_size
     torch.manual_seed(settings.seed + rank)
     model = build_model(config, initial, settings.seed)
@@ -332,26 +471,26 @@ def pretrain(settings: PretrainSettings) -> dict:
     )
 
     step, micro_step = 0, 0
-    if not settings.resume and launch.is_main and checkpoint_dir.exists():
-        shutil.rmtree(checkpoint_dir)  # a run without --resume starts over: no stale checkpoint to mix with
+    if not resuming and launch.is_main and checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)  # a fresh start (allowed by plan_start): no stale checkpoint to mix with
     torch.distributed.barrier()
-    if settings.resume:
-        step, micro_step = load_training_state(engine, checkpoint_dir, dataset, rank)
+    if resuming:
+        step, micro_step = load_training_state(engine, checkpoint_dir, resume_tag, dataset, rank)
         _reapply_schedule(engine, settings.warmup_steps, decay_steps, settings.min_lr_ratio)
     if launch.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     log_path = out_dir / TRAIN_LOG
-    history = read_train_log(log_path, up_to_step=step) if settings.resume else []
+    history = read_train_log(log_path, up_to_step=step) if resuming else []
 
     params = {
         **settings.to_params(), "world_size": world_size, "launcher": launch.launcher, "deepspeed": ds_config,
         "model": config.to_dict(), "n_parameters": sum(p.numel() for p in model.parameters()),
-        "resumed_from_step": step if settings.resume else None,
+        "resumed_from_step": step if resuming else None,
     }
     uri = tracking.resolve_uri(settings.mlflow_uri, out_dir)
-    with tracking.step_run("pretrain", uri=uri, params=tracking.flatten_params(params),
-                           enabled=launch.is_main) as run:
+    with StopRequest() as stop, tracking.step_run("pretrain", uri=uri, params=tracking.flatten_params(params),
+                                                  enabled=launch.is_main) as run:
         run.log_dict(ds_config, "deepspeed_config.json")
         run.log_dict({"model": config.to_dict()}, "model_config.json")
         stream = iter(dataset)
@@ -386,11 +525,17 @@ def pretrain(settings: PretrainSettings) -> dict:
             run.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
-            if step % settings.save_every == 0 or step == settings.max_steps:
-                save_training_state(engine, checkpoint_dir, step, micro_step, dataset, rank,
-                                    settings.keep_checkpoints)
+            stopping = any_rank_stopping(stop, world_size)
+            if step % settings.save_every == 0 or step == settings.max_steps or stopping:
+                tag = save_training_state(engine, checkpoint_dir, step, micro_step, dataset, rank,
+                                          settings.keep_checkpoints, math)
                 if launch.is_main:
                     write_train_log(log_path, history)
+            if stopping and step < settings.max_steps:  # at the last step, finishing is as quick
+                bar.close()
+                run.set_tags({"scfm.preempted_after_step": step})
+                raise Preempted(f"preempted ({stop.signal_name or 'signal on another rank'}) after step {step}: "
+                                f"saved checkpoint {tag}; run the same command again to continue", checkpoint_dir)
         bar.close()
 
         metrics = _final_metrics(history, settings, world_size)

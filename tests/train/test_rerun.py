@@ -1,0 +1,188 @@
+"""Re-running `scfm pretrain` into its own directory: --resume auto|always|never, incomplete checkpoints,
+settings that must not change on resume, and SIGTERM (Slurm preemption) → checkpoint → exact continuation."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from train_helpers import scfm_step, start_step
+
+from scfm.cli import cli
+
+STEPS = 12
+PREEMPTED_EXIT = 75
+
+
+def _args(train_data, out, *extra):
+    return ["pretrain", "--shards", train_data["shards"], "--vocab", train_data["vocab"], "-o", out,
+            "--zero-stage", "2", "--micro-batch-size", "4", "--lr", "2e-3", "--warmup-steps", "2",
+            "--seed", "3", "--max-steps", str(STEPS), *extra]
+
+
+def _losses(out_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out_dir / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _assert_same_losses(got: dict, want: dict, steps) -> None:
+    got_, want_ = np.array([got[s] for s in steps]), np.array([want[s] for s in steps])
+    assert np.all(np.abs(got_ - want_) <= 1e-6 * np.abs(want_)), (got_, want_)
+
+
+def _tree(path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def reference(train_data, tmp_path_factory):
+    """The uninterrupted run: its losses at every step."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    scfm_step(*_args(train_data, out, "--save-every", "100", "--quiet"))
+    return _losses(out)
+
+
+@pytest.fixture(scope="module")
+def stopped_run(train_data, tmp_path_factory):
+    """The same run stopped after 4 steps (same LR horizon), complete checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    scfm_step(*_args(train_data, out, "--max-steps", "4", "--lr-decay-steps", str(STEPS), "--save-every", "2",
+                     "--quiet"))
+    return out
+
+
+def _copy(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_preempted_and_the_rerun_continues_exactly(train_data, reference, tmp_path):
+    out = tmp_path / "run"
+    args = _args(train_data, out, "--save-every", "100")
+    log = tmp_path / "stderr.txt"
+    proc = start_step(*args, stderr_path=log, env={"SCFM_PROGRESS": "1"})
+    try:
+        deadline = time.time() + 240
+        while not re.search(rf"\| [2-9]/{STEPS} ", log.read_text()):  # the progress bar: some steps are done
+            assert proc.poll() is None, log.read_text()[-4000:]
+            assert time.time() < deadline, "no progress"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = log.read_text()
+    assert proc.returncode == PREEMPTED_EXIT, stderr[-4000:]
+    (line,) = [x for x in stderr.splitlines() if x.startswith("error: ")]
+    stopped_at = int(re.search(r"preempted \(SIGTERM\) after step (\d+)", line).group(1))
+    assert 2 <= stopped_at < STEPS and str(out / "checkpoints") in line
+    assert (out / "checkpoints" / "latest").read_text() == f"step_{stopped_at:06d}"
+    assert sorted(_losses(out)) == list(range(1, stopped_at + 1))
+    assert not (out / "model").exists()
+
+    scfm_step(*args, "--quiet")  # the requeued job: same command, --resume auto
+    resumed = _losses(out)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    _assert_same_losses(resumed, reference, range(1, STEPS + 1))
+    assert (out / "model" / "model.safetensors").is_file()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("scfm").experiment_id], order_by=["start_time ASC"])
+    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
+    assert runs[0].data.tags["scfm.preempted_after_step"] == str(stopped_at)
+    assert runs[1].data.params["resumed_from_step"] == str(stopped_at)
+
+
+@pytest.mark.slow
+def test_auto_passes_over_a_checkpoint_killed_mid_save(train_data, reference, stopped_run, tmp_path):
+    out = _copy(stopped_run, tmp_path)
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_000002", "step_000004"]
+    # a save of step 6 killed halfway: some files written, truncated, never marked complete
+    half = checkpoints / "step_000006"
+    shutil.copytree(checkpoints / "step_000004", half)
+    (half / "scfm_checkpoint.json").unlink()
+    for state in half.glob("*.pt"):
+        state.write_bytes(state.read_bytes()[:100])
+
+    scfm_step(*_args(train_data, out, "--save-every", "2", "--quiet"))
+    resumed = _losses(out)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    _assert_same_losses(resumed, reference, range(1, STEPS + 1))
+    # step 6 was saved anew over the debris, then pruned like every older one (--keep-checkpoints 2)
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_000010", "step_000012"]
+
+
+def _run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize(("flag", "value", "named"), [
+    ("--micro-batch-size", "2", "--micro-batch-size"),
+    ("--grad-accum", "2", "--grad-accum"),
+    ("--seed", "4", "--seed"),
+    ("--mask-ratio", "0.5", "--mask-ratio"),
+    ("--zero-stage", "1", "--zero-stage"),
+    ("--model-preset", "small", "model config"),
+])
+def test_resuming_with_other_math_is_refused(train_data, stopped_run, flag, value, named):
+    before = _tree(stopped_run)
+    result = _run(*_args(train_data, stopped_run, "--quiet"), flag, value)
+    assert result.exit_code == 1
+    line = _error_line(result)
+    assert f"cannot resume: checkpoint step_000004 was written with {named}" in line
+    assert str(stopped_run / "checkpoints") in line
+    assert _tree(stopped_run) == before
+
+
+def test_resuming_with_another_world_size_is_refused(train_data, stopped_run, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    before = _tree(stopped_run)
+    result = _run(*_args(train_data, stopped_run, "--quiet"))
+    assert result.exit_code == 1
+    assert "number of processes (world size) = 1, this run has 2" in _error_line(result)
+    assert _tree(stopped_run) == before
+
+
+def test_never_refuses_a_directory_with_checkpoints(train_data, stopped_run):
+    before = _tree(stopped_run)
+    result = _run(*_args(train_data, stopped_run, "--resume", "never", "--quiet"))
+    assert result.exit_code == 1
+    line = _error_line(result)
+    assert "--resume never" in line and "--overwrite" in line and str(stopped_run / "checkpoints") in line
+    assert _tree(stopped_run) == before
+
+
+def test_always_needs_a_complete_checkpoint(train_data, stopped_run, tmp_path):
+    out = _copy(stopped_run, tmp_path)
+    for marker in out.glob("checkpoints/step_*/scfm_checkpoint.json"):
+        marker.unlink()  # only incomplete saves left
+    before = _tree(out)
+    result = _run(*_args(train_data, out, "--resume", "always", "--quiet"))
+    assert result.exit_code == 1
+    assert "no checkpoint to resume from" in _error_line(result)
+    assert _tree(out) == before
+
+
+def test_overwrite_contradicts_always(train_data, tmp_path):
+    out = tmp_path / "run"
+    result = _run(*_args(train_data, out, "--resume", "always", "--overwrite", "--quiet"))
+    assert result.exit_code == 2 and "--overwrite" in _error_line(result)
+    assert not out.exists()
