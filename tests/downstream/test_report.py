@@ -218,3 +218,61 @@ def test_large_inputs_are_subsampled_with_the_seed(embedded_pbmc):
     assert set(subset.obs_names) <= set(adata.obs_names)
     whole, _ = subsample_cells(adata, 10_000, seed=4)
     assert whole.n_obs == adata.n_obs
+
+
+def _two_samples(embedded_pbmc, tmp_path, *, labelled_second: bool):
+    """Two small inputs as a pipeline batch would give them: the first has no label column."""
+    _, adata = embedded_pbmc
+    first, second = adata[:150].copy(), adata[150:300].copy()
+    del first.obs[LABEL_KEY]
+    if not labelled_second:
+        del second.obs[LABEL_KEY]
+    paths = tmp_path / "pbmc_a.h5ad", tmp_path / "pbmc_b.h5ad"
+    first.write_h5ad(paths[0])
+    second.write_h5ad(paths[1])
+    return paths, second
+
+
+def _report(shared_store, out, *args):
+    return CliRunner().invoke(cli, ["report", *map(str, args), "-o", str(out), "--mlflow-uri", shared_store,
+                                    "--quiet"], catch_exceptions=False)
+
+
+def test_partly_labelled_inputs_score_the_labelled_cells(embedded_pbmc, tmp_path, shared_store):
+    (a, b), labelled = _two_samples(embedded_pbmc, tmp_path, labelled_second=True)
+    out = tmp_path / "report.html"
+    result = _report(shared_store, out, a, b, "--label-key", LABEL_KEY, "--batch-key", "batch")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.with_name("report.metrics.json").read_text())
+    assert metrics["labels"] == {"key": LABEL_KEY, "n_scored_cells": labelled.n_obs, "n_cells": 300,
+                                 "inputs_without_labels": ["pbmc_a.h5ad"]}
+    assert metrics["embeddings"]["scfm"]["n_labelled_cells"] == labelled.n_obs
+    assert "knn_accuracy" in metrics["embeddings"]["scfm"] and "annotation" not in metrics
+    text = html.unescape(section_html(out.read_text(), "metrics"))
+    assert f"score the {labelled.n_obs} of 300 cells that have a label in obs['{LABEL_KEY}']" in text
+    assert "Inputs without labels: pbmc_a.h5ad." in text
+
+
+def test_no_labelled_cell_is_refused_naming_the_inputs(embedded_pbmc, tmp_path, shared_store):
+    (a, b), _ = _two_samples(embedded_pbmc, tmp_path, labelled_second=False)
+    _fails_cleanly(shared_store, tmp_path, a, b, "--label-key", LABEL_KEY,
+                   message=f"error: {a}: --label-key '{LABEL_KEY}' is not an obs column of any input "
+                           "(inputs: pbmc_a.h5ad, pbmc_b.h5ad)")
+    _, adata = embedded_pbmc
+    missing = adata[:150].copy()
+    missing.obs[LABEL_KEY] = np.nan  # the column is there, every value is missing
+    path = tmp_path / "all_missing.h5ad"
+    missing.write_h5ad(path)
+    _fails_cleanly(shared_store, tmp_path, path, "--label-key", LABEL_KEY,
+                   message=f"error: {path}: --label-key '{LABEL_KEY}': no cell has a label (inputs: all_missing.h5ad)")
+
+
+def test_labels_optional_reports_unlabelled_inputs_without_label_metrics(embedded_pbmc, tmp_path, shared_store):
+    (a, _), _ = _two_samples(embedded_pbmc, tmp_path, labelled_second=False)
+    out = tmp_path / "report.html"
+    result = _report(shared_store, out, a, "--label-key", LABEL_KEY, "--labels-optional")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.with_name("report.metrics.json").read_text())
+    assert metrics["labels"]["n_scored_cells"] == 0 and metrics["labels"]["inputs_without_labels"] == ["pbmc_a.h5ad"]
+    assert "ari" not in metrics["embeddings"]["scfm"] and "n_leiden_clusters" in metrics["embeddings"]["scfm"]
+    assert f"No cell has a label in obs['{LABEL_KEY}']" in html.unescape(section_html(out.read_text(), "metrics"))

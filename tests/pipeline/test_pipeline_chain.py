@@ -188,11 +188,14 @@ def test_pipeline_chain(tmp_path):
         report_tasks.append(Task(
             work, "report", name, env, staged,
             {"h5ads.join(' ')": [f"inputs/{h.name}" for h, _ in members], "name": name,
-             "label": f"--label-key '{params['report_label_key']}'" if params["report_label_key"] else "",
+             "label": (f"--label-key '{params['report_label_key']}' --labels-optional"
+                       if params["report_label_key"] else ""),
              "qc": " ".join(f"--qc-json 'qc/{q.name}'" for _, q in members), "args": ""}, params))
     report_dirs = run_all(report_tasks)
 
     check_outputs(samples, annotated, classifier, checkpoint, report_dirs, groups)
+    if params["report_label_key"]:
+        check_label_coverage(params["report_label_key"], annotated, report_dirs, groups)
     check_mlflow(mlflow_uri, parent, session_id, expected_step_runs=(
         len(samples) * 4 + 3 + len(groups)  # qc, align, embed, annotate per sample; vocab, pretrain, finetune
     ))
@@ -213,6 +216,21 @@ def check_outputs(samples, annotated, classifier, checkpoint, report_dirs, group
         html = (directory / f"{name}.report.html").read_text()
         assert html.lstrip().lower().startswith("<!doctype html") and len(html) > 1000
         json.loads((directory / f"{name}.metrics.json").read_text())
+
+
+def check_label_coverage(label_key, annotated, report_dirs, groups):
+    """Each report scores exactly the cells that carry a label and names the inputs that carry none."""
+    import anndata as ad
+
+    labelled = {}
+    for path in annotated:
+        obs = ad.read_h5ad(path, backed="r").obs
+        labelled[path.name] = int(obs[label_key].notna().sum()) if label_key in obs else 0
+    assert any(labelled.values()), f"no demo sample carries obs['{label_key}']"
+    for directory, (name, members) in zip(report_dirs, groups.items()):
+        labels = json.loads((directory / f"{name}.metrics.json").read_text())["labels"]
+        assert labels["n_scored_cells"] == sum(labelled[h.name] for h, _ in members)
+        assert labels["inputs_without_labels"] == [h.name for h, _ in members if not labelled[h.name]]
 
 
 def check_mlflow(uri, parent, session_id, expected_step_runs):

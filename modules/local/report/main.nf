@@ -14,8 +14,9 @@ process REPORT {
 
     script:
     def args = task.ext.args ?: ''
-    // known labels to score the embedding against; every input must carry the column
-    def label = params.report_label_key ? "--label-key '${params.report_label_key}'" : ''
+    // known labels to score the embedding against, on the cells that have one; a batch of unlabelled
+    // samples gets a report that says so instead of failing the run
+    def label = params.report_label_key ? "--label-key '${params.report_label_key}' --labels-optional" : ''
     def qc = qc_summaries.collect { summary -> "--qc-json '${summary}'" }.join(' ')
     """
     scfm-report \\

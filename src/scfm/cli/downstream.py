@@ -108,7 +108,10 @@ def enhance(input, output, checkpoint, version, vocab, target_depth, layer, eval
 @click.argument("inputs", nargs=-1, required=True, type=_existing)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The HTML report to write.")
 @click.option("--embedding-key", default="X_scfm", show_default=True, help="obsm key of the scfm embedding.")
-@click.option("--label-key", default=None, help="obs column with known cell types (enables label metrics).")
+@click.option("--label-key", default=None,
+              help="obs column with known cell types (enables label metrics on the cells that have one).")
+@click.option("--labels-optional", is_flag=True,
+              help="When no input has a label in --label-key, report without label metrics instead of failing.")
 @click.option("--batch-key", default=None, help="obs column with batches (enables batch-mixing metrics).")
 @click.option("--qc-json", multiple=True, type=_existing, help="QC summary JSON(s) from `scfm qc` (repeatable).")
 @click.option("--run-id", "run_ids", multiple=True, help="MLflow run whose curves to plot (repeatable).")
@@ -118,11 +121,12 @@ def enhance(input, output, checkpoint, version, vocab, target_depth, layer, eval
 @click.option("--max-cells", type=click.IntRange(min=100), default=50_000, show_default=True,
               help="Report on a seeded random subset of at most this many cells.")
 @step_options
-def report(inputs, output, embedding_key, label_key, batch_key, qc_json, run_ids, metrics_json, title, max_cells,
-           mlflow_uri, seed, quiet):
+def report(inputs, output, embedding_key, label_key, labels_optional, batch_key, qc_json, run_ids, metrics_json, title,
+           max_cells, mlflow_uri, seed, quiet):
     """Write one self-contained HTML report (and a metrics JSON) for embedded h5ad INPUTS.
 
-    Several INPUTS are concatenated into one combined report.
+    Several INPUTS are concatenated into one combined report; label metrics score the cells that
+    have a label (inputs without the --label-key column are named in the report).
     """
     from scfm.report.html import build_report, flat_metrics, load_report_inputs
 
@@ -132,9 +136,9 @@ def report(inputs, output, embedding_key, label_key, batch_key, qc_json, run_ids
     seed_everything(seed)
     # inputs are read and checked first: a bad input fails in seconds and opens no MLflow run
     loaded = load_report_inputs(inputs, embedding_key=embedding_key, label_key=label_key, batch_key=batch_key,
-                                qc_json=qc_json, mlflow_uri=uri, run_ids=run_ids)
+                                qc_json=qc_json, mlflow_uri=uri, run_ids=run_ids, labels_optional=labels_optional)
     params = {"inputs": list(inputs), "embedding_key": embedding_key, "label_key": label_key,
-              "batch_key": batch_key, "run_ids": list(run_ids), "max_cells": max_cells, "seed": seed}
+              "labels_optional": labels_optional, "batch_key": batch_key, "run_ids": list(run_ids), "max_cells": max_cells, "seed": seed}
     with tracking.step_run("report", uri=uri, params=params) as run:
         text, result = build_report(
             loaded, embedding_key=embedding_key, label_key=label_key, batch_key=batch_key, qc_json=qc_json,

@@ -11,7 +11,7 @@ import base64
 import html
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -67,6 +67,36 @@ def read_inputs(paths: Sequence[str | os.PathLike], embedding_key: str):
     combined = ad.concat(adatas, join="outer", merge="same", index_unique="-", label="input",
                          keys=[Path(p).name for p in paths])
     return combined, [dict(a.uns.get("scfm", {})) for a in adatas]
+
+
+def unlabelled_inputs(adata, label_key: str, paths: Sequence[str]) -> list[str]:
+    """Names of the inputs none of whose cells has a (non-missing) label in ``obs[label_key]``."""
+    names = [Path(p).name for p in paths]
+    if label_key not in adata.obs:
+        return names
+    known = adata.obs[label_key].notna().to_numpy()
+    if len(paths) == 1:
+        return [] if known.any() else names
+    source = adata.obs["input"].astype(str).to_numpy()  # added by read_inputs when concatenating
+    return [name for name in names if not known[source == name].any()]
+
+
+def check_label_key(adata, label_key: str | None, paths: Sequence[str], *, optional: bool = False) -> list[str]:
+    """Refuse a label key no cell carries (unless ``optional``); return the inputs without labels.
+
+    Label metrics are computed on the labelled cells, so a combined report may join labelled and
+    unlabelled samples (a pipeline batch of new samples next to a labelled one).
+    """
+    if label_key is None:
+        return []
+    missing = unlabelled_inputs(adata, label_key, paths)
+    if len(missing) == len(paths) and not optional:
+        if label_key not in adata.obs:
+            columns = ", ".join(map(str, adata.obs.columns[:20]))
+            where = f"columns: {columns}" if len(paths) == 1 else f"inputs: {', '.join(missing)}"
+            raise ScfmError(f"--label-key '{label_key}' is not an obs column of any input ({where})", paths[0])
+        raise ScfmError(f"--label-key '{label_key}': no cell has a label (inputs: {', '.join(missing)})", paths[0])
+    return missing
 
 
 def check_obs_key(adata, key: str | None, flag: str, path) -> None:
@@ -298,6 +328,27 @@ def qc_section(adata, qc_summaries: list[tuple[str, Any]], qc_columns: list[str]
     return "\n".join(parts)
 
 
+def label_coverage(adata, label_key: str, inputs_without_labels: Sequence[str]) -> dict:
+    """How many of the report's cells the label metrics score, and which inputs had no labels."""
+    scored = int(adata.obs[label_key].notna().sum()) if label_key in adata.obs else 0
+    return {"key": label_key, "n_scored_cells": scored, "n_cells": int(adata.n_obs),
+            "inputs_without_labels": list(inputs_without_labels)}
+
+
+def label_coverage_text(labels: dict) -> str:
+    key, scored, total = labels["key"], labels["n_scored_cells"], labels["n_cells"]
+    if scored == 0:
+        text = f"No cell has a label in obs['{key}']: label-based metrics are skipped."
+    elif scored == total:
+        text = f"Label-based metrics score all {total} cells (obs['{key}'])."
+    else:
+        text = (f"Label-based metrics score the {scored} of {total} cells that have a label in obs['{key}']; "
+                "the other cells are in the UMAPs, clusters and batch metrics only.")
+    if labels["inputs_without_labels"]:
+        text += f" Inputs without labels: {', '.join(labels['inputs_without_labels'])}."
+    return text
+
+
 def metrics_section(result: dict) -> str:
     embeddings = result["embeddings"]
     names = list(embeddings)
@@ -317,6 +368,8 @@ def metrics_section(result: dict) -> str:
         parts.append(table(rows, header=("metric", "value")))
     if not result.get("label_key"):
         parts.append(note("No --label-key: label-based metrics (kNN accuracy, ARI, NMI, silhouette) are skipped."))
+    elif "labels" in result:
+        parts.append(note(label_coverage_text(result["labels"])))
     return "\n".join(parts)
 
 
@@ -378,6 +431,7 @@ class ReportInputs:
     uns_list: list[dict]
     qc_summaries: list[tuple[str, Any]]
     curves: list[tuple[str, dict]]
+    inputs_without_labels: list[str] = field(default_factory=list)
 
 
 def load_report_inputs(
@@ -389,10 +443,11 @@ def load_report_inputs(
     qc_json: Sequence[str | os.PathLike] = (),
     mlflow_uri: str | None = None,
     run_ids: Sequence[str] = (),
+    labels_optional: bool = False,
 ) -> ReportInputs:
     paths = [os.fspath(p) for p in inputs]
     adata, uns_list = read_inputs(paths, embedding_key)
-    check_obs_key(adata, label_key, "--label-key", paths[0])
+    without_labels = check_label_key(adata, label_key, paths, optional=labels_optional)
     check_obs_key(adata, batch_key, "--batch-key", paths[0])
     qc_summaries = [(f"{Path(p).name}: uns['scfm']['qc']", u["qc"]) for p, u in zip(paths, uns_list) if "qc" in u]
     for path in qc_json:
@@ -401,7 +456,7 @@ def load_report_inputs(
         except (OSError, ValueError) as exc:
             raise ScfmError(f"cannot read QC JSON ({exc})", path) from exc
     curves = [read_metric_histories(mlflow_uri, r) for r in linked_training_runs(mlflow_uri, run_ids)]
-    return ReportInputs(paths, adata, uns_list, qc_summaries, curves)
+    return ReportInputs(paths, adata, uns_list, qc_summaries, curves, without_labels)
 
 
 def build_report(
@@ -440,6 +495,10 @@ def build_report(
     }
     import scanpy as sc
 
+    if label_key is not None:
+        result["labels"] = label_coverage(adata, label_key, loaded.inputs_without_labels)
+        if result["labels"]["n_scored_cells"] == 0:
+            label_key = None  # --labels-optional and nothing to score: the report says so
     coords, clusters = {}, {}
     for name, key in (("scfm", embedding_key), ("PCA", PCA_KEY)):
         result["embeddings"][name], clusters[name] = M.embedding_metrics(
@@ -520,6 +579,8 @@ def flat_metrics(result: dict) -> dict[str, float]:
         for key, value in values.items():
             if isinstance(value, (int, float)) and value is not None:
                 flat[f"{name.lower()}.{key}"] = float(value)
+    if "labels" in result:
+        flat["labels.n_scored_cells"] = float(result["labels"]["n_scored_cells"])
     for key, value in result.get("annotation", {}).items():
         if isinstance(value, (int, float)) and value is not None:
             flat[f"annotation.{key}"] = float(value)
