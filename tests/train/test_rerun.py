@@ -49,25 +49,11 @@ def reference(train_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stopped_run(train_data, tmp_path_factory):
-    """The same run stopped after 4 steps (same LR horizon), complete checkpoints at steps 2 and 4."""
-    out = tmp_path_factory.mktemp("stopped") / "run"
-    scfm_step(*_args(train_data, out, "--max-steps", "4", "--lr-decay-steps", str(STEPS), "--save-every", "2",
-                     "--quiet"))
-    return out
-
-
-def _copy(run, tmp_path):
-    shutil.copytree(run, tmp_path / "run")
-    return tmp_path / "run"
-
-
-@pytest.mark.slow
-def test_sigterm_saves_exits_preempted_and_the_rerun_continues_exactly(train_data, reference, tmp_path):
-    out = tmp_path / "run"
-    args = _args(train_data, out, "--save-every", "100")
-    log = tmp_path / "stderr.txt"
-    proc = start_step(*args, stderr_path=log, env={"SCFM_PROGRESS": "1"})
+def preempted(train_data, tmp_path_factory):
+    """The same run sent SIGTERM once a few steps are done: (its directory, the step it stopped at, its stderr)."""
+    out = tmp_path_factory.mktemp("preempted") / "run"
+    log = out.parent / "stderr.txt"
+    proc = start_step(*_args(train_data, out, "--save-every", "100"), stderr_path=log, env={"SCFM_PROGRESS": "1"})
     try:
         deadline = time.time() + 240
         while not re.search(rf"\| [2-9]/{STEPS} ", log.read_text()):  # the progress bar: some steps are done
@@ -83,16 +69,49 @@ def test_sigterm_saves_exits_preempted_and_the_rerun_continues_exactly(train_dat
     assert proc.returncode == PREEMPTED_EXIT, stderr[-4000:]
     (line,) = [x for x in stderr.splitlines() if x.startswith("error: ")]
     stopped_at = int(re.search(r"preempted \(SIGTERM\) after step (\d+)", line).group(1))
+    return out, stopped_at, line
+
+
+@pytest.fixture
+def preempted_dir(preempted):
+    return preempted[0]
+
+
+def _copy(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_saves_and_exits_preempted(preempted):
+    out, stopped_at, line = preempted
     assert 2 <= stopped_at < STEPS and str(out / "checkpoints") in line
     assert (out / "checkpoints" / "latest").read_text() == f"step_{stopped_at:06d}"
+    assert (out / "checkpoints" / f"step_{stopped_at:06d}" / "scfm_checkpoint.json").is_file()
     assert sorted(_losses(out)) == list(range(1, stopped_at + 1))
     assert not (out / "model").exists()
 
-    scfm_step(*args, "--quiet")  # the requeued job: same command, --resume auto
+
+@pytest.mark.slow
+def test_the_rerun_continues_exactly_past_a_checkpoint_killed_mid_save(train_data, reference, preempted,
+                                                                       tmp_path):
+    out = _copy(preempted[0], tmp_path)
+    stopped_at = preempted[1]
+    checkpoints = out / "checkpoints"
+    # a later save killed halfway: some files written, truncated, never marked complete
+    half = checkpoints / f"step_{stopped_at + 1:06d}"
+    shutil.copytree(checkpoints / f"step_{stopped_at:06d}", half)
+    (half / "scfm_checkpoint.json").unlink()
+    for state in half.glob("*.pt"):
+        state.write_bytes(state.read_bytes()[:100])
+
+    scfm_step(*_args(train_data, out, "--save-every", "100", "--quiet"))  # the requeued job: --resume auto
     resumed = _losses(out)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     _assert_same_losses(resumed, reference, range(1, STEPS + 1))
     assert (out / "model" / "model.safetensors").is_file()
+    # the debris was pruned (--keep-checkpoints 2)
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == [f"step_{stopped_at:06d}", f"step_{STEPS:06d}"]
 
     from mlflow.tracking import MlflowClient
 
@@ -101,26 +120,6 @@ def test_sigterm_saves_exits_preempted_and_the_rerun_continues_exactly(train_dat
     assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
     assert runs[0].data.tags["scfm.preempted_after_step"] == str(stopped_at)
     assert runs[1].data.params["resumed_from_step"] == str(stopped_at)
-
-
-@pytest.mark.slow
-def test_auto_passes_over_a_checkpoint_killed_mid_save(train_data, reference, stopped_run, tmp_path):
-    out = _copy(stopped_run, tmp_path)
-    checkpoints = out / "checkpoints"
-    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_000002", "step_000004"]
-    # a save of step 6 killed halfway: some files written, truncated, never marked complete
-    half = checkpoints / "step_000006"
-    shutil.copytree(checkpoints / "step_000004", half)
-    (half / "scfm_checkpoint.json").unlink()
-    for state in half.glob("*.pt"):
-        state.write_bytes(state.read_bytes()[:100])
-
-    scfm_step(*_args(train_data, out, "--save-every", "2", "--quiet"))
-    resumed = _losses(out)
-    assert sorted(resumed) == list(range(1, STEPS + 1))
-    _assert_same_losses(resumed, reference, range(1, STEPS + 1))
-    # step 6 was saved anew over the debris, then pruned like every older one (--keep-checkpoints 2)
-    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_000010", "step_000012"]
 
 
 def _run(*args):
@@ -141,37 +140,37 @@ def _error_line(result) -> str:
     ("--zero-stage", "1", "--zero-stage"),
     ("--model-preset", "small", "model config"),
 ])
-def test_resuming_with_other_math_is_refused(train_data, stopped_run, flag, value, named):
-    before = _tree(stopped_run)
-    result = _run(*_args(train_data, stopped_run, "--quiet"), flag, value)
+def test_resuming_with_other_math_is_refused(train_data, preempted, preempted_dir, flag, value, named):
+    before = _tree(preempted_dir)
+    result = _run(*_args(train_data, preempted_dir, "--quiet"), flag, value)
     assert result.exit_code == 1
     line = _error_line(result)
-    assert f"cannot resume: checkpoint step_000004 was written with {named}" in line
-    assert str(stopped_run / "checkpoints") in line
-    assert _tree(stopped_run) == before
+    assert f"cannot resume: checkpoint step_{preempted[1]:06d} was written with {named}" in line
+    assert str(preempted_dir / "checkpoints") in line
+    assert _tree(preempted_dir) == before
 
 
-def test_resuming_with_another_world_size_is_refused(train_data, stopped_run, monkeypatch):
+def test_resuming_with_another_world_size_is_refused(train_data, preempted_dir, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    before = _tree(stopped_run)
-    result = _run(*_args(train_data, stopped_run, "--quiet"))
+    before = _tree(preempted_dir)
+    result = _run(*_args(train_data, preempted_dir, "--quiet"))
     assert result.exit_code == 1
     assert "number of processes (world size) = 1, this run has 2" in _error_line(result)
-    assert _tree(stopped_run) == before
+    assert _tree(preempted_dir) == before
 
 
-def test_never_refuses_a_directory_with_checkpoints(train_data, stopped_run):
-    before = _tree(stopped_run)
-    result = _run(*_args(train_data, stopped_run, "--resume", "never", "--quiet"))
+def test_never_refuses_a_directory_with_checkpoints(train_data, preempted_dir):
+    before = _tree(preempted_dir)
+    result = _run(*_args(train_data, preempted_dir, "--resume", "never", "--quiet"))
     assert result.exit_code == 1
     line = _error_line(result)
-    assert "--resume never" in line and "--overwrite" in line and str(stopped_run / "checkpoints") in line
-    assert _tree(stopped_run) == before
+    assert "--resume never" in line and "--overwrite" in line and str(preempted_dir / "checkpoints") in line
+    assert _tree(preempted_dir) == before
 
 
-def test_always_needs_a_complete_checkpoint(train_data, stopped_run, tmp_path):
-    out = _copy(stopped_run, tmp_path)
+def test_always_needs_a_complete_checkpoint(train_data, preempted_dir, tmp_path):
+    out = _copy(preempted_dir, tmp_path)
     for marker in out.glob("checkpoints/step_*/scfm_checkpoint.json"):
         marker.unlink()  # only incomplete saves left
     before = _tree(out)
