@@ -180,6 +180,18 @@ def test_always_needs_a_complete_checkpoint(train_data, preempted_dir, tmp_path)
     assert _tree(out) == before
 
 
+def test_auto_keeps_checkpoints_it_cannot_vouch_for(train_data, preempted_dir, tmp_path):
+    out = _copy(preempted_dir, tmp_path)
+    tag = (out / "checkpoints" / "latest").read_text()
+    (out / "checkpoints" / tag / "scfm_checkpoint.json").unlink()  # as an older scfm wrote them
+    before = _tree(out)
+    result = _run(*_args(train_data, out, "--quiet"))
+    assert result.exit_code == 1
+    line = _error_line(result)
+    assert f"checkpoints/latest names {tag}" in line and "--overwrite" in line
+    assert _tree(out) == before
+
+
 def test_overwrite_contradicts_always(train_data, tmp_path):
     out = tmp_path / "run"
     result = _run(*_args(train_data, out, "--resume", "always", "--overwrite", "--quiet"))

@@ -268,9 +268,21 @@ def plan_start(settings: PretrainSettings, checkpoint_dir: Path, math: dict) -> 
             raise ScfmError("--resume never: the directory holds checkpoints of an earlier run (continue it with "
                             "--resume auto, or start over with --overwrite)", checkpoint_dir)
         return None
+    if tag is None and _unmarked_latest(checkpoint_dir):
+        # checkpoints from before completion markers: starting fresh here would delete them
+        raise ScfmError(f"checkpoints/latest names {_unmarked_latest(checkpoint_dir)}, which has no {COMPLETE_MARKER} "
+                        "(written by an older scfm?): continue it with that version, or start over with --overwrite",
+                        checkpoint_dir)
     if tag is not None:
         check_same_math(read_checkpoint_record(checkpoint_dir, tag).get("math", {}), math, tag, checkpoint_dir)
     return tag
+
+
+def _unmarked_latest(checkpoint_dir: Path) -> str | None:
+    latest = checkpoint_dir / "latest"
+    tag = latest.read_text().strip() if latest.is_file() else ""
+    complete = tag and (checkpoint_dir / tag / COMPLETE_MARKER).is_file()
+    return tag if tag and (checkpoint_dir / tag).is_dir() and not complete else None
 
 
 def save_training_state(engine, checkpoint_dir: Path, step: int, micro_step: int, dataset, rank: int,
