@@ -2,8 +2,8 @@
  * scfm: QC -> ALIGN -> (PRETRAIN | FINETUNE | neither) -> EMBED -> ANNOTATE -> REPORT
  *
  * --mode embed     embed with --checkpoint
- * --mode finetune  fine-tune a classifier from --checkpoint on one labelled sample (--label_key,
- *                  --finetune_sample, default the samplesheet's first), then embed with it and annotate
+ * --mode finetune  fine-tune a classifier from --checkpoint on the labelled cells of every sample (--label_key;
+ *                  --finetune_sample a,b restricts it to named samples), then embed with it and annotate
  * --mode pretrain  build a vocabulary (or take --vocab), write shards, pretrain, embed with the new
  *                  checkpoint; with --label_key also fine-tune a classifier from it and annotate
  *
@@ -26,7 +26,8 @@ workflow SCFM {
     take:
     samples          // channel: [ meta (id, batch, condition), counts file or 10x directory ]
     mlflow_uri       // string: tracking URI every step logs into
-    finetune_sample  // string: id of the labelled sample the classifier is trained on
+    _finetune_sample // string: main.nf's checked --finetune_sample (default the first sample); unused, since
+                     // fine-tuning now reads params.finetune_sample itself and defaults to every sample
 
     main:
     def pretraining = params.mode == 'pretrain'
@@ -62,7 +63,13 @@ workflow SCFM {
     }
 
     if (finetuning) {
-        training = ALIGN.out.h5ad.filter { meta, _h5ad -> meta.id == finetune_sample }
+        // every aligned sample (or those named in --finetune_sample): the split is stratified over all
+        // their labelled cells, and samples without labels simply contribute none
+        def chosen = params.finetune_sample ? params.finetune_sample.toString().tokenize(',').collect { id -> id.trim() } : []
+        training = ALIGN.out.h5ad
+            .filter { meta, _h5ad -> !chosen || chosen.contains(meta.id) }
+            .map { _meta, h5ad -> h5ad }
+            .collect(sort: true)
         FINETUNE(training, base_checkpoint, vocab, params.label_key, tracking)
         classifier = FINETUNE.out.classifier.first()
         // the classifier carries the fine-tuned encoder its head was trained on

@@ -151,13 +151,15 @@ def test_pipeline_chain(tmp_path):
                          "vocab": "vocab.tsv", "init": "", "ds_config": "", "args": ""}, params).wait()
     checkpoint = pretrain_dir / "pretrain_run" / "model"
 
-    # FINETUNE on --finetune_sample (main.nf's default: the samplesheet's first)
-    train = [s["sample"] for s in samples].index(params["finetune_sample"] or samples[0]["sample"])
-    finetune_dir = Task(work, "finetune", samples[train]["sample"], env,
-                        {aligned[train].name: aligned[train], "base/checkpoint": checkpoint, "vocab.tsv": vocab},
-                        {"h5ad": aligned[train].name, "checkpoint": "base/checkpoint", "vocab": "vocab.tsv",
+    # FINETUNE on every aligned sample (collected), or on those named in --finetune_sample
+    chosen = [s.strip() for s in (params["finetune_sample"] or "").split(",") if s.strip()]
+    training = sorted((p for s, p in zip(samples, aligned) if not chosen or s["sample"] in chosen), key=lambda p: p.name)
+    staged = {f"inputs/{p.name}": p for p in training}
+    finetune_dir = Task(work, "finetune", "all", env, {**staged, "base/checkpoint": checkpoint, "vocab.tsv": vocab},
+                        {"h5ads.join(' ')": list(staged), "checkpoint": "base/checkpoint", "vocab": "vocab.tsv",
                          "label_key": params["label_key"], "args": ""}, params).wait()
     classifier = finetune_dir / "classifier"
+    check_finetune_inputs(classifier, training, params["label_key"])
 
     # EMBED with the classifier's (fine-tuned) model, every sample at once
     embed_dirs = run_all([
@@ -216,6 +218,25 @@ def check_outputs(samples, annotated, classifier, checkpoint, report_dirs, group
         html = (directory / f"{name}.report.html").read_text()
         assert html.lstrip().lower().startswith("<!doctype html") and len(html) > 1000
         json.loads((directory / f"{name}.metrics.json").read_text())
+
+
+def check_finetune_inputs(classifier, training, label_key):
+    """The classifier saw every collected sample, and trained on exactly the cells that carry a label."""
+    import anndata as ad
+    import pandas as pd
+
+    metrics = json.loads((classifier / "metrics.json").read_text())
+    assert [entry["input"] for entry in metrics["inputs"]] == [p.name for p in training]
+    split = pd.read_csv(classifier / "split.csv")
+    for path, entry in zip(training, metrics["inputs"]):
+        obs = ad.read_h5ad(path, backed="r").obs
+        n_labelled = int(obs[label_key].notna().sum()) if label_key in obs else 0
+        assert entry["n_labelled"] == n_labelled and entry["n_cells"] == len(obs)
+        assert (split["input"] == path.name).sum() <= n_labelled
+    assert any(e["n_labelled"] == 0 for e in metrics["inputs"]), "the demo has an unlabelled sample"
+    labelled = sum(e["n_labelled"] for e in metrics["inputs"])
+    assert len(split) + sum(metrics["dropped_rare_classes"].values()) == labelled
+    assert metrics["n_unlabelled"] == sum(e["n_cells"] - e["n_labelled"] for e in metrics["inputs"])
 
 
 def check_label_coverage(label_key, annotated, report_dirs, groups):

@@ -1,11 +1,12 @@
-// Trains a cell-type classifier head (and the top encoder layers) on one aligned, labelled sample.
-// The classifier directory is a full checkpoint plus the head, so EMBED uses it as its checkpoint.
+// Trains a cell-type classifier head (and the top encoder layers) on every aligned sample given; their
+// cells without a label are left out. The classifier directory is a full checkpoint plus the head, so
+// EMBED uses it as its checkpoint.
 process FINETUNE {
-    tag "${meta.id}"
+    tag "${h5ads.size()} samples"
     label 'process_gpu'
 
     input:
-    tuple val(meta), path(h5ad)
+    path h5ads, stageAs: 'inputs/*', arity: '1..*'
     path checkpoint, stageAs: 'base/*'
     path vocab
     val label_key
@@ -19,7 +20,7 @@ process FINETUNE {
     def args = task.ext.args ?: ''
     """
     scfm-finetune \\
-        '${h5ad}' \\
+        ${h5ads.join(' ')} \\
         -o classifier \\
         --checkpoint '${checkpoint}' \\
         --version ${params.model_version} \\
