@@ -1,13 +1,17 @@
-"""Pretraining under real DeepSpeed on CPU (gloo): 2-process ZeRO-2 with exact resume, ZeRO-3, one process."""
+"""Pretraining under real DeepSpeed on CPU (gloo): 2-process ZeRO-2 preempted and resumed exactly, ZeRO-3, 1 process."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import time
 
 import numpy as np
 import pytest
 import torch
-from train_helpers import torchrun
+from train_helpers import child_pids, start_torchrun, torchrun
 
 COMMON = ["--micro-batch-size", "4", "--lr", "2e-3", "--warmup-steps", "2", "--seed", "3", "--quiet"]
 
@@ -27,17 +31,19 @@ def test_two_process_zero2_learns_and_resumes_exactly(train_data, tmp_path):
     data = ["--shards", train_data["shards"], "--vocab", train_data["vocab"], "--zero-stage", "2", *COMMON]
     full, part = tmp_path / "full", tmp_path / "part"
     torchrun("pretrain", *data, "-o", full, "--max-steps", "12", "--save-every", "6")
-    # "killed" after step 6: same LR horizon, stops early
-    torchrun("pretrain", *data, "-o", part, "--max-steps", "6", "--lr-decay-steps", "12", "--save-every", "3")
-    assert [r["step"] for r in _log(part)] == list(range(1, 7))
-    assert (part / "checkpoints" / "latest").read_text().strip() == "step_000006"
+    # preempted: SIGTERM reaches one rank only; both finish the same step, save it and stop
+    stopped_at = _preempt_one_rank(data + ["-o", part, "--max-steps", "12", "--save-every", "3"], tmp_path)
+    assert [r["step"] for r in _log(part)] == list(range(1, stopped_at + 1))
+    assert (part / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:06d}"
+    assert {p.name for p in (part / "checkpoints" / f"step_{stopped_at:06d}").glob("scfm_*.json")} == {
+        "scfm_rank0.json", "scfm_rank1.json", "scfm_checkpoint.json"}
     torchrun("pretrain", *data, "-o", part, "--max-steps", "12", "--save-every", "3")  # --resume auto
 
     full_log, part_log = _log(full), _log(part)
     assert [r["step"] for r in part_log] == [r["step"] for r in full_log] == list(range(1, 13))
     full_loss = np.array([r["loss"] for r in full_log])
     resumed_loss = np.array([r["loss"] for r in part_log])
-    assert np.all(np.abs(resumed_loss[6:] - full_loss[6:]) <= 1e-6 * np.abs(full_loss[6:]))
+    assert np.all(np.abs(resumed_loss - full_loss) <= 1e-6 * np.abs(full_loss))
     assert full_loss[-4:].mean() < 0.9 * full_loss[:4].mean()  # it learns
     assert all(r["cells_per_s"] > 0 and r["grad_norm"] > 0 for r in full_log)
 
@@ -50,6 +56,26 @@ def test_two_process_zero2_learns_and_resumes_exactly(train_data, tmp_path):
     metrics = json.loads((full / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 12 and metrics["cells_seen"] == 12 * 4 * 2
     _assert_mlflow_run(full, n_steps=12)
+
+
+def _preempt_one_rank(args, tmp_path) -> int:
+    log = tmp_path / "preempted.stderr"
+    proc = start_torchrun("pretrain", *args, stderr_path=log, env={"SCFM_PROGRESS": "1"})
+    try:
+        deadline = time.time() + 300
+        while not re.search(r"\| [2-9]/12 ", log.read_text()):  # rank 0's progress bar
+            assert proc.poll() is None, log.read_text()[-4000:]
+            assert time.time() < deadline, "no progress"
+            time.sleep(0.05)
+        os.kill(child_pids(proc.pid)[-1], signal.SIGTERM)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stopped = re.findall(r"preempted \((SIGTERM|signal on another rank)\) after step (\d+)", log.read_text())
+    assert proc.returncode != 0 and sorted(reason for reason, _ in stopped) == ["SIGTERM", "signal on another rank"]
+    assert len({step for _, step in stopped}) == 1, stopped  # the ranks agreed
+    return int(stopped[0][1])
 
 
 def _assert_mlflow_run(out_dir, n_steps):

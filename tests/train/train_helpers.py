@@ -28,6 +28,23 @@ def torchrun(step: str, *args, nproc: int = 2, check: bool = True) -> subprocess
     return proc
 
 
+def start_torchrun(step: str, *args, nproc: int = 2, stderr_path: Path, env: dict | None = None):
+    """Like :func:`torchrun`, in the background; its stderr goes to a file the test can watch."""
+    import os
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               str(BIN / f"scfm-{step}"), *map(str, args)]
+    with open(stderr_path, "w") as stderr:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                env={**os.environ, **(env or {})})
+
+
+def child_pids(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return sorted(int(x) for x in out.split())
+
+
 def scfm_step(step: str, *args, check: bool = True) -> subprocess.CompletedProcess:
     """``bin/scfm-<step> ARGS`` as one process (usable from module-scoped fixtures)."""
     proc = subprocess.run([sys.executable, str(BIN / f"scfm-{step}"), *map(str, args)], capture_output=True,
