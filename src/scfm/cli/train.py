@@ -69,7 +69,8 @@ def pretrain_command(shards, out_dir, mask_ratio, zero_mask_ratio, mask_token_pr
       srun scfm pretrain --shards S -o RUN ...    # --resume auto is the default
       [ $? -eq 75 ] && scontrol requeue "$SLURM_JOB_ID"
     A job requeued by `scontrol requeue` or preempted by a higher-priority job gets SIGTERM the same
-    way and continues from its last checkpoint when it starts again.
+    way and continues from its last checkpoint when it starts again. (Under torchrun the workers
+    exit 75 but torchrun itself reports 1.)
     """
     from scfm.train.objective import ObjectiveConfig
     from scfm.train.pretrain import PretrainSettings, pretrain
