@@ -55,6 +55,26 @@ def test_all_steps_log_under_one_parent_run(demo_run):
         demo_run["summary"]["embedding"]["scfm"]["knn_accuracy"])
 
 
+def test_the_pretraining_run_used_the_demo_settings(demo_run):
+    from mlflow.tracking import MlflowClient
+
+    settings = demo_run["summary"]["settings"]
+    client = MlflowClient(demo_run["uri"])
+    [run] = [r for r in client.search_runs(["1"]) if r.data.tags.get("scfm.step") == "pretrain"]
+    assert int(run.data.params["max_steps"]) == settings["pretrain_steps"]
+    assert int(run.data.params["micro_batch_size"]) == settings["micro_batch_size"]
+    assert float(run.data.params["lr"]) == pytest.approx(settings["lr"])
+    assert demo_run["summary"]["pretrain"]["final_loss"] < demo_run["summary"]["pretrain"]["first_loss"]
+
+
+def test_the_full_demo_pretrains_longer_than_the_quick_one():
+    from scfm.demo import DemoSettings
+
+    quick, full = DemoSettings.for_mode(True), DemoSettings.for_mode(False)
+    assert full.pretrain_steps * full.micro_batch_size > 10 * quick.pretrain_steps * quick.micro_batch_size
+    assert full.enhance_cells is None and quick.enhance_cells is not None
+
+
 def test_the_summary_compares_with_the_baseline(demo_run):
     summary = demo_run["summary"]
     metrics = json.loads((demo_run["out"] / "report" / "demo.report.metrics.json").read_text())
