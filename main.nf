@@ -20,15 +20,18 @@ workflow {
     // samplesheet rows -> [ meta (id, batch, condition), counts ]; a sample without a batch is its own batch
     def rows = samplesheetToList(withAbsolutePaths(params.input), "${projectDir}/assets/schema_input.json")
         .collect { meta, counts -> [meta + [batch: meta.batch ?: meta.id], counts] }
-    def finetune_sample = params.finetune_sample ?: rows[0][0].id
-    if (!rows.any { row -> row[0].id == finetune_sample }) {
-        error("--finetune_sample ${finetune_sample} is not a sample of ${params.input}")
+    // --finetune_sample a,b restricts fine-tuning to those samples; unset, every sample is used
+    def finetune_samples = params.finetune_sample ? params.finetune_sample.toString().tokenize(',').collect { id -> id.trim() } : []
+    def sample_ids = rows.collect { row -> row[0].id }
+    def unknown = finetune_samples.findAll { id -> !(id in sample_ids) }
+    if (unknown) {
+        error("--finetune_sample ${unknown.join(',')} is not a sample of ${params.input}")
     }
 
     // SQLite needs an absolute path: tasks run in their own work directories
     def mlflow_uri = params.mlflow_uri ?: "sqlite:///${file(params.outdir).toAbsolutePath()}/mlflow/mlflow.db"
 
-    SCFM(channel.fromList(rows), mlflow_uri, finetune_sample)
+    SCFM(channel.fromList(rows), mlflow_uri, finetune_samples)
 
     // one entry per process, however many tasks it ran
     SCFM.out.versions

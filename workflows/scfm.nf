@@ -26,8 +26,7 @@ workflow SCFM {
     take:
     samples          // channel: [ meta (id, batch, condition), counts file or 10x directory ]
     mlflow_uri       // string: tracking URI every step logs into
-    _finetune_sample // string: main.nf's checked --finetune_sample (default the first sample); unused, since
-                     // fine-tuning now reads params.finetune_sample itself and defaults to every sample
+    finetune_samples // list: sample ids to fine-tune on (main.nf checks them); empty means every sample
 
     main:
     def pretraining = params.mode == 'pretrain'
@@ -65,9 +64,8 @@ workflow SCFM {
     if (finetuning) {
         // every aligned sample (or those named in --finetune_sample): the split is stratified over all
         // their labelled cells, and samples without labels simply contribute none
-        def chosen = params.finetune_sample ? params.finetune_sample.toString().tokenize(',').collect { id -> id.trim() } : []
         training = ALIGN.out.h5ad
-            .filter { meta, _h5ad -> !chosen || chosen.contains(meta.id) }
+            .filter { meta, _h5ad -> !finetune_samples || finetune_samples.contains(meta.id) }
             .map { _meta, h5ad -> h5ad }
             .collect(sort: true)
         FINETUNE(training, base_checkpoint, vocab, params.label_key, tracking)
