@@ -207,8 +207,10 @@ def step_run(
         if params:
             handle.log_params(params)
         yield handle
-    except BaseException:
-        _retry(lambda: client.set_terminated(handle.run_id, "FAILED"))
+    except BaseException as exc:
+        # an exception may say how the run ended (a preempted run is KILLED, not FAILED)
+        status = getattr(exc, "run_status", "FAILED")
+        _retry(lambda: client.set_terminated(handle.run_id, status))
         raise
     _retry(lambda: client.set_terminated(handle.run_id, "FINISHED"))
 

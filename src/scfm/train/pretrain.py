@@ -63,6 +63,7 @@ class Preempted(ScfmError):
     """Stopped by SIGTERM/SIGUSR1 after saving a checkpoint; running the same command again continues."""
 
     exit_code = 75  # EX_TEMPFAIL ("try again later"): tells a requeue script this is not a failure
+    run_status = "KILLED"  # the MLflow run was stopped from outside, it did not fail
 
 
 @dataclass
