@@ -40,6 +40,7 @@ CONFIGS: dict[str, dict] = {
     "demo before: tiny 150x16 lr2e-3": {"steps": 150, "mb": 16, "lr": 2e-3},
     "tiny 150x16 lr5e-4": {"steps": 150, "mb": 16, "lr": 5e-4},
     "tiny 400x16 lr2e-3": {"steps": 400, "mb": 16, "lr": 2e-3},
+    "tiny 800x16 lr2e-3": {"steps": 800, "mb": 16, "lr": 2e-3},
     "tiny 150x16 lr2e-3 mask0.5": {"steps": 150, "mb": 16, "lr": 2e-3, "mask": 0.5},
     "tiny 150x16 lr2e-3 no thinning": {"steps": 150, "mb": 16, "lr": 2e-3, "downsample": 0.0},
     "wide 128d x2 150x16 lr1e-3": {"steps": 150, "mb": 16, "lr": 1e-3,

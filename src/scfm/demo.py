@@ -40,7 +40,7 @@ class DemoSettings:
 
     The full run's pretraining length comes from ``bench/demo_quality.py`` (see ``bench/RESULTS.md``,
     "Demo quality"): on these 700 cells the ``tiny`` model's held-out loss and the kNN accuracy of its
-    embedding both still improve from 150 to 400 steps of 16 cells at lr 2e-3, while lr 5e-4 underfits
+    embedding both still improve from 150 to 400 to 800 steps of 16 cells at lr 2e-3, while lr 5e-4 underfits
     (held-out loss barely below a per-gene mean). Even so the embedding stays well below the PCA
     baseline: the encoder needs far more cells than a demo can pretrain on, so the report keeps PCA
     next to scfm.
@@ -58,7 +58,7 @@ class DemoSettings:
         if quick:
             return cls(pretrain_steps=8, micro_batch_size=8, lr=2e-3, finetune_epochs=3, enhance_cells=16,
                        eval_cells=8)
-        return cls(pretrain_steps=400, micro_batch_size=16, lr=2e-3, finetune_epochs=40, enhance_cells=None,
+        return cls(pretrain_steps=800, micro_batch_size=16, lr=2e-3, finetune_epochs=40, enhance_cells=None,
                    eval_cells=100)
 
 
