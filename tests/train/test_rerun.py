@@ -11,10 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from train_helpers import scfm_step, start_step
-
-from scfm.cli import cli
+from train_helpers import error_line, run_cli, scfm_step, start_step
 
 STEPS = 12
 PREEMPTED_EXIT = 75
@@ -122,16 +119,6 @@ def test_the_rerun_continues_exactly_past_a_checkpoint_killed_mid_save(train_dat
     assert runs[1].data.params["resumed_from_step"] == str(stopped_at)
 
 
-def _run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def _error_line(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, result.output
-    return lines[0]
-
-
 @pytest.mark.parametrize(("flag", "value", "named"), [
     ("--micro-batch-size", "2", "--micro-batch-size"),
     ("--grad-accum", "2", "--grad-accum"),
@@ -142,9 +129,9 @@ def _error_line(result) -> str:
 ])
 def test_resuming_with_other_math_is_refused(train_data, preempted, preempted_dir, flag, value, named):
     before = _tree(preempted_dir)
-    result = _run(*_args(train_data, preempted_dir, "--quiet"), flag, value)
+    result = run_cli(*_args(train_data, preempted_dir, "--quiet"), flag, value)
     assert result.exit_code == 1
-    line = _error_line(result)
+    line = error_line(result)
     assert f"cannot resume: checkpoint step_{preempted[1]:06d} was written with {named}" in line
     assert str(preempted_dir / "checkpoints") in line
     assert _tree(preempted_dir) == before
@@ -154,17 +141,17 @@ def test_resuming_with_another_world_size_is_refused(train_data, preempted_dir, 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     before = _tree(preempted_dir)
-    result = _run(*_args(train_data, preempted_dir, "--quiet"))
+    result = run_cli(*_args(train_data, preempted_dir, "--quiet"))
     assert result.exit_code == 1
-    assert "number of processes (world size) = 1, this run has 2" in _error_line(result)
+    assert "number of processes (world size) = 1, this run has 2" in error_line(result)
     assert _tree(preempted_dir) == before
 
 
 def test_never_refuses_a_directory_with_checkpoints(train_data, preempted_dir):
     before = _tree(preempted_dir)
-    result = _run(*_args(train_data, preempted_dir, "--resume", "never", "--quiet"))
+    result = run_cli(*_args(train_data, preempted_dir, "--resume", "never", "--quiet"))
     assert result.exit_code == 1
-    line = _error_line(result)
+    line = error_line(result)
     assert "--resume never" in line and "--overwrite" in line and str(preempted_dir / "checkpoints") in line
     assert _tree(preempted_dir) == before
 
@@ -174,9 +161,9 @@ def test_always_needs_a_complete_checkpoint(train_data, preempted_dir, tmp_path)
     for marker in out.glob("checkpoints/step_*/scfm_checkpoint.json"):
         marker.unlink()  # only incomplete saves left
     before = _tree(out)
-    result = _run(*_args(train_data, out, "--resume", "always", "--quiet"))
+    result = run_cli(*_args(train_data, out, "--resume", "always", "--quiet"))
     assert result.exit_code == 1
-    assert "no checkpoint to resume from" in _error_line(result)
+    assert "no checkpoint to resume from" in error_line(result)
     assert _tree(out) == before
 
 
@@ -185,15 +172,15 @@ def test_auto_keeps_checkpoints_it_cannot_vouch_for(train_data, preempted_dir, t
     tag = (out / "checkpoints" / "latest").read_text()
     (out / "checkpoints" / tag / "scfm_checkpoint.json").unlink()  # as an older scfm wrote them
     before = _tree(out)
-    result = _run(*_args(train_data, out, "--quiet"))
+    result = run_cli(*_args(train_data, out, "--quiet"))
     assert result.exit_code == 1
-    line = _error_line(result)
+    line = error_line(result)
     assert f"checkpoints/latest names {tag}" in line and "--overwrite" in line
     assert _tree(out) == before
 
 
 def test_overwrite_contradicts_always(train_data, tmp_path):
     out = tmp_path / "run"
-    result = _run(*_args(train_data, out, "--resume", "always", "--overwrite", "--quiet"))
-    assert result.exit_code == 2 and "--overwrite" in _error_line(result)
+    result = run_cli(*_args(train_data, out, "--resume", "always", "--overwrite", "--quiet"))
+    assert result.exit_code == 2 and "--overwrite" in error_line(result)
     assert not out.exists()

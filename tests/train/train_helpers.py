@@ -61,3 +61,19 @@ def start_step(step: str, *args, stderr_path: Path, env: dict | None = None) -> 
     with open(stderr_path, "w") as stderr:
         return subprocess.Popen([sys.executable, str(BIN / f"scfm-{step}"), *map(str, args)],
                                 stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, **(env or {})})
+
+
+def run_cli(*args):
+    """``scfm ARGS`` in this process (click's runner), for error-path tests."""
+    from click.testing import CliRunner
+
+    from scfm.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def error_line(result) -> str:
+    """The single ``error: ...`` line a failed command printed."""
+    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.output
+    return lines[0]
