@@ -28,7 +28,7 @@ from scfm.cli.common import step_options
 @click.option("--version", "version", type=click.Choice(["ce", "rde", "gene"]), default=None,
               help="Which model of an official .ckpt (default: gene for gene outputs, else ce).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Cells per batch (default 64 for cell, 2 for decoder outputs).")
+              help="Cells per batch (default: cell output 4 on CPU, 64 on CUDA; decoder outputs 2).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="auto: bf16 on CUDA, fp32 on CPU.")
