@@ -35,7 +35,7 @@ def test_pretrain_with_another_vocabulary(train_data, tmp_path):
 def test_pretrain_resume_without_checkpoint(train_data, tmp_path):
     out = tmp_path / "out"
     result = run_cli("pretrain", "--shards", train_data["shards"], "--vocab", train_data["vocab"], "-o", out,
-                  "--resume", "--quiet")
+                     "--resume", "--quiet")
     assert result.exit_code == 1
     line = error_line(result)
     assert "no checkpoint to resume from" in line and str(out / "checkpoints") in line
@@ -47,7 +47,7 @@ def test_pretrain_with_a_broken_deepspeed_config(train_data, tmp_path):
     bad.write_text("{\"zero_optimization\": ")
     out = tmp_path / "out"
     result = run_cli("pretrain", "--shards", train_data["shards"], "--vocab", train_data["vocab"], "-o", out,
-                  "--deepspeed-config", bad, "--quiet")
+                     "--deepspeed-config", bad, "--quiet")
     assert result.exit_code == 1
     line = error_line(result)
     assert str(bad) in line and "not a JSON DeepSpeed config" in line
@@ -66,7 +66,7 @@ def test_pretrain_needs_a_vocabulary_or_a_checkpoint(train_data, tmp_path):
 def test_pretrain_bad_ratios(train_data, tmp_path, flag, value):
     out = tmp_path / "out"
     result = run_cli("pretrain", "--shards", train_data["shards"], "--vocab", train_data["vocab"], "-o", out,
-                  flag, value, "--quiet")
+                     flag, value, "--quiet")
     assert result.exit_code == 1
     assert flag.lstrip("-").replace("-", "_") in error_line(result)
     assert not out.exists()
@@ -78,8 +78,8 @@ def test_pretrain_bad_ratios(train_data, tmp_path, flag, value):
 def _finetune(train_data, tmp_path, *extra, input_path=None, checkpoint=None, label_key=LABEL_KEY):
     out = tmp_path / "classifier"
     result = run_cli("finetune", input_path or train_data["aligned"], "-o", out,
-                  "--checkpoint", checkpoint or train_data["checkpoint"], "--label-key", label_key, "--quiet",
-                  *extra)
+                     "--checkpoint", checkpoint or train_data["checkpoint"], "--label-key", label_key, "--quiet",
+                     *extra)
     return result, out
 
 
@@ -164,7 +164,7 @@ def test_finetune_on_several_inputs_with_another_vocabulary(train_data, tmp_path
     other = _aligned_copy(train_data, tmp_path / "other.aligned.h5ad", vocab_sha256="0" * 64)
     out = tmp_path / "classifier"
     result = run_cli("finetune", train_data["aligned"], other, "-o", out, "--checkpoint", train_data["checkpoint"],
-                  "--label-key", LABEL_KEY, "--quiet")
+                     "--label-key", LABEL_KEY, "--quiet")
     assert result.exit_code == 1
     line = error_line(result)
     assert str(other) in line and "another vocabulary" in line
@@ -176,7 +176,7 @@ def test_finetune_when_no_input_has_the_label_column(train_data, tmp_path):
     b = _aligned_copy(train_data, tmp_path / "b.aligned.h5ad", drop_labels=True)
     out = tmp_path / "classifier"
     result = run_cli("finetune", a, b, "-o", out, "--checkpoint", train_data["checkpoint"], "--label-key", LABEL_KEY,
-                  "--quiet")
+                     "--quiet")
     assert result.exit_code == 1
     line = error_line(result)
     assert line == f"error: {a}: no obs column '{LABEL_KEY}' in any input (a.aligned.h5ad, b.aligned.h5ad)"
@@ -188,7 +188,7 @@ def test_finetune_inputs_with_the_same_file_name(train_data, tmp_path):
     twin = _aligned_copy(train_data, tmp_path / "x" / train_data["aligned"].name)
     out = tmp_path / "classifier"
     result = run_cli("finetune", train_data["aligned"], twin, "-o", out, "--checkpoint", train_data["checkpoint"],
-                  "--label-key", LABEL_KEY, "--quiet")
+                     "--label-key", LABEL_KEY, "--quiet")
     assert result.exit_code == 2
     assert "distinct file names" in error_line(result)
     assert not out.exists()
