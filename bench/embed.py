@@ -1,13 +1,20 @@
-"""Embedding benchmark: cells/s, peak RSS, FLOPs per cell and fraction of the machine's GEMM peak.
+"""Embedding benchmark: cells/s, peak memory, FLOPs per cell and fraction of what the hardware can do.
 
     .venv/bin/python bench/embed.py --json /tmp/embed_bench.json            # everything (~15 min on 2 cores)
     .venv/bin/python bench/embed.py --sections gemm,throughput --base-cells 50
+    python bench/embed.py --device cuda --sections gemm,throughput --tiny-cells 20000 --base-cells 20000
 
 Sections
-- gemm:       measured fp32 and bf16 matmul peak (GFLOP/s), the yardstick for every other figure.
+- gemm:       measured fp32 and bf16 matmul peak (GFLOP/s) at a large square shape and at the encoder's
+              own shapes (tokens of a batch x 768 -> 3072 and back), the yardstick for every other figure.
 - throughput: ``tiny`` and ``base-100m`` cell embeddings (pool all) with length bucketing in fp32 and
               bf16, and a per-cell baseline of our own model (batch size 1, no bucketing), with the
-              per-cell cosine of bf16 to fp32. Encoder FLOPs are counted from the token lengths.
+              per-cell cosine of bf16 to fp32. Encoder FLOPs are counted from the token lengths; the
+              token-length distribution of the data is reported with them. Each figure is also given as
+              a fraction of the measured GEMM peak, and ``ceiling_cells_per_s`` is what the GEMM peak
+              alone would allow (FLOPs per cell / peak): no implementation of this model can beat it.
+              On CUDA, MFU = model FLOP/s / the device's nominal dense peak (``--peak-tflops``; known for
+              H100 and H200), and peak memory is ``torch.cuda.max_memory_allocated``.
 - memory:     peak RSS embedding 10k vs 100k cells, streamed from an .h5ad on disk into a memmap, to
               show memory is flat in the number of cells. The model is ``micro`` (``tiny`` with one
               32-d encoder layer) so that 100k cells fit in a few minutes on 2 cores; the model's
@@ -16,7 +23,8 @@ Sections
 Data: real PBMC counts (scfm.data.demo_data, ~250 nonzero genes per cell) placed at fixed random
 columns of a 19,264-gene vocabulary, tiled to the number of cells needed. Weights are random (the
 official-layout initialisation), so speed is meaningful and bf16-vs-fp32 agreement is indicative.
-Each configuration runs in a fresh subprocess so that its peak RSS is its own.
+Each configuration runs in a fresh subprocess so that its peak memory is its own. The batch size
+defaults to what ``scfm embed`` uses on the device (4 cells on a CPU, 64 on a GPU).
 """
 
 from __future__ import annotations
@@ -57,20 +65,48 @@ def encoder_flops(config, counts) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- gemm
-def gemm_peak(dtype_name: str, size: int = 2048, repeats: int = 8) -> float:
+# nominal dense bf16 tensor-core peaks (TFLOP/s), the usual denominator of MFU
+NOMINAL_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def gemm_gflops(dtype_name: str, m: int, k: int, n: int, device: str = "cpu", repeats: int = 8) -> float:
+    """Best-of-``repeats`` throughput of x (m, k) @ W.T for W (n, k), as ``nn.Linear`` computes it."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    for _ in range(2):
-        a @ b
+    x = torch.randn(m, k, device=device).to(dtype)
+    w = torch.randn(n, k, device=device).to(dtype)
+    for _ in range(3):
+        torch.nn.functional.linear(x, w)
+    _synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        a @ b
+        torch.nn.functional.linear(x, w)
+        _synchronize(device)
         best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
+    return 2 * m * k * n / best / 1e9
+
+
+def gemm_section(device: str, batch_size: int, mean_tokens: float) -> dict:
+    """Peak at a large square shape, and at the shapes the base-100m encoder multiplies."""
+    size = 8192 if device == "cuda" else 2048
+    tokens = int(batch_size * mean_tokens)
+    shapes = {f"square {size}": (size, size, size),
+              f"encoder ff in ({tokens} tokens x 768 -> 3072)": (tokens, 768, 3072),
+              f"encoder ff out ({tokens} tokens x 3072 -> 768)": (tokens, 3072, 768),
+              f"encoder qkv ({tokens} tokens x 768 -> 2304)": (tokens, 768, 2304)}
+    table = {name: {d: gemm_gflops(d, *shape, device=device) for d in ("fp32", "bf16")}
+             for name, shape in shapes.items()}
+    peak = {d: max(row[d] for row in table.values()) for d in ("fp32", "bf16")}
+    return {"shapes": table, "peak": peak, "bf16_over_fp32": peak["bf16"] / peak["fp32"]}
 
 
 # ------------------------------------------------------------------------------------------ workers
@@ -86,18 +122,27 @@ def worker_throughput(args) -> dict:
 
     loaded = load_checkpoint(args.checkpoint, version="ce", vocab=args.vocab)
     counts = pbmc_in_vocabulary(args.cells)
-    # warm-up on a few cells (allocator, kernels) so the timing is steady state
-    embed_cells(loaded.model, counts[:4], precision=args.precision, batch_size=args.batch_size)
     per_cell = args.mode == "per-cell"
+    settings = dict(precision=args.precision, device=args.device, batch_size=1 if per_cell else int(args.batch_size),
+                    chunk_size=1 if per_cell else 4096)
+    # warm-up (allocator, kernels, autocast weight cache) so that the timing is steady state
+    embed_cells(loaded.model, counts[: max(4, int(args.batch_size))], **settings)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    emb = embed_cells(loaded.model, counts, precision=args.precision,
-                      batch_size=1 if per_cell else args.batch_size, chunk_size=1 if per_cell else 4096)
+    emb = embed_cells(loaded.model, counts, **settings)  # returns host arrays: the device is done
     seconds = time.perf_counter() - start
     np.save(args.save, emb)
     flops = encoder_flops(loaded.config, counts)
-    return {"seconds": seconds, "cells_per_s": args.cells / seconds, "flops_per_cell": float(flops.mean()),
-            "gflops_per_s": float(flops.sum() / seconds / 1e9), "peak_rss_mib": _peak_rss_mib(),
-            "threads": torch.get_num_threads(), "mean_nonzero_genes": float(np.diff(counts.indptr).mean())}
+    tokens = np.diff(counts.indptr) + 2
+    result = {"seconds": seconds, "cells_per_s": args.cells / seconds, "flops_per_cell": float(flops.mean()),
+              "gflops_per_s": float(flops.sum() / seconds / 1e9), "peak_rss_mib": _peak_rss_mib(),
+              "threads": torch.get_num_threads(), "device": args.device,
+              "tokens_per_cell": {"mean": float(tokens.mean()), "p10": float(np.percentile(tokens, 10)),
+                                  "median": float(np.median(tokens)), "p90": float(np.percentile(tokens, 90))}}
+    if args.device == "cuda":
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
 
 
 def worker_memory(args) -> dict:
@@ -121,7 +166,8 @@ def worker_memory(args) -> dict:
             def __getitem__(self, s):
                 return rows[s]
 
-        embed_cells(loaded.model, FirstRows(), batch_size=args.batch_size, chunk_size=4096, out=out)
+        embed_cells(loaded.model, FirstRows(), batch_size=int(args.batch_size), device=args.device, chunk_size=4096,
+                    out=out)
     seconds = time.perf_counter() - start
     out.flush()
     return {"seconds": seconds, "cells_per_s": args.cells / seconds, "peak_rss_mib": _peak_rss_mib()}
@@ -148,7 +194,12 @@ def main() -> None:
     parser.add_argument("--tiny-cells", type=int, default=2000)
     parser.add_argument("--base-cells", type=int, default=200)
     parser.add_argument("--memory-cells", default="10000,100000")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--per-cell-max", type=int, default=500,
+                        help="cells for the one-at-a-time baseline (the first N of the same data)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--batch-size", type=int, help="cells per batch (default: scfm embed's for the device)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the device's nominal dense bf16 peak, for MFU (default: known for H100/H200/A100)")
     parser.add_argument("--json", type=Path, help="write all results here")
     parser.add_argument("--worker", choices=["throughput", "memory"], help=argparse.SUPPRESS)
     for hidden in ("checkpoint", "vocab", "precision", "mode", "save", "h5ad"):
@@ -166,9 +217,14 @@ def main() -> None:
     from scfm.data.vocab import Vocabulary
     from scfm.model import ModelConfig
     from scfm.model.checkpoint import write_official_style_checkpoint
+    from scfm.tasks.embed import default_batch_size, resolve_device
 
+    device = resolve_device(args.device).type
+    batch_size = args.batch_size or default_batch_size("cell", device)
+    peak_tflops = args.peak_tflops or (_nominal_tflops() if device == "cuda" else None)
     sections = set(args.sections.split(","))
-    results: dict = {"machine": _machine(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    results: dict = {"machine": _machine(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                     "device": device, "batch_size": batch_size, "nominal_bf16_tflops": peak_tflops}
     with tempfile.TemporaryDirectory(prefix="scfm-embed-bench-") as scratch:
         scratch = Path(scratch)
         vocab_path = scratch / "vocab.tsv"
@@ -187,8 +243,9 @@ def main() -> None:
             return checkpoints[preset]
 
         if "gemm" in sections:
-            results["gemm_gflops"] = {d: gemm_peak(d) for d in ("fp32", "bf16")}
-            print("gemm", results["gemm_gflops"], flush=True)
+            mean_tokens = float(np.diff(pbmc_in_vocabulary(700).indptr).mean()) + 2
+            results["gemm"] = gemm_section(device, batch_size, mean_tokens)
+            print("gemm", json.dumps(results["gemm"]), flush=True)
 
         if "throughput" in sections:
             results["throughput"] = []
@@ -196,16 +253,17 @@ def main() -> None:
                 saved = {}
                 for mode, precision in (("bucketed", "fp32"), ("bucketed", "bf16"), ("per-cell", "fp32")):
                     save = scratch / f"{preset}-{mode}-{precision}.npy"
-                    r = run_worker("throughput", checkpoint=checkpoint(preset), vocab=vocab_path, cells=n,
-                                   precision=precision, mode=mode, save=save, batch_size=args.batch_size)
-                    r.update(preset=preset, mode=mode, precision=precision, cells=n)
+                    cells = min(n, args.per_cell_max) if mode == "per-cell" else n
+                    r = run_worker("throughput", checkpoint=checkpoint(preset), vocab=vocab_path, cells=cells,
+                                   precision=precision, mode=mode, save=save, batch_size=batch_size, device=device)
+                    r.update(preset=preset, mode=mode, precision=precision, cells=cells)
                     saved[(mode, precision)] = np.load(save)
-                    if "gemm_gflops" in results:
-                        r["fraction_of_gemm_peak"] = r["gflops_per_s"] / results["gemm_gflops"][precision]
+                    r.update(hardware_fractions(r, results.get("gemm"), peak_tflops))
                     results["throughput"].append(r)
                     print(json.dumps(r), flush=True)
                 cos = cosine_rows(saved[("bucketed", "fp32")], saved[("bucketed", "bf16")])
-                same = np.abs(saved[("bucketed", "fp32")] - saved[("per-cell", "fp32")]).max()
+                per_cell = saved[("per-cell", "fp32")]
+                same = np.abs(saved[("bucketed", "fp32")][: len(per_cell)] - per_cell).max()
                 results.setdefault("agreement", {})[preset] = {
                     "bf16_vs_fp32_cosine_min": float(cos.min()), "bf16_vs_fp32_cosine_mean": float(cos.mean()),
                     "bucketed_vs_per_cell_fp32_max_abs_diff": float(same)}
@@ -220,7 +278,7 @@ def main() -> None:
             results["memory"] = []
             for n in sizes:
                 r = run_worker("memory", checkpoint=checkpoint("micro"), vocab=vocab_path, cells=n, h5ad=h5ad,
-                               save=scratch / f"mem-{n}.npy", batch_size=args.batch_size)
+                               save=scratch / f"mem-{n}.npy", batch_size=batch_size, device=device)
                 r.update(preset="micro", cells=n)
                 results["memory"].append(r)
                 print(json.dumps(r), flush=True)
@@ -232,12 +290,43 @@ def main() -> None:
     print(json.dumps(results, indent=2))
 
 
-def _machine() -> str:
+def hardware_fractions(result: dict, gemm: dict | None, peak_tflops: float | None) -> dict:
+    """The throughput as a fraction of the measured GEMM peak, the cells/s that peak allows, and MFU."""
+    fractions = {}
+    if gemm is not None:
+        peak = gemm["peak"][result["precision"]]
+        fractions["fraction_of_gemm_peak"] = result["gflops_per_s"] / peak
+        fractions["ceiling_cells_per_s"] = peak * 1e9 / result["flops_per_cell"]
+    if peak_tflops and result["device"] == "cuda":
+        fractions["mfu"] = result["gflops_per_s"] / (peak_tflops * 1e3)
+    return fractions
+
+
+def _nominal_tflops() -> float | None:
+    import torch
+
+    name = torch.cuda.get_device_name(0)
+    for key, tflops in NOMINAL_BF16_TFLOPS.items():  # most specific names first
+        if key in name:
+            return tflops
+    return None
+
+
+def _machine(device: str = "cpu") -> str:
     import platform
 
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if device == "cuda":
+        import torch
+
+        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda}), host {os.cpu_count()} cores"
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    cpu = fields.get("model name", platform.processor() or "CPU")
+    if "cpu family" in fields:
+        cpu += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{os.cpu_count()}-core {platform.machine()} CPU{' with AVX-512 BF16' if 'avx512_bf16' in flags else ''}, "
+    return (f"{os.cpu_count()}-core {platform.machine()} {cpu}{' with AVX-512 BF16' if 'avx512_bf16' in info else ''}, "
             f"{mem:.0f} GiB")
 
 

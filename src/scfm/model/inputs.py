@@ -52,7 +52,12 @@ class EncoderInputs:
     padding_mask: torch.Tensor  # (B, L) bool: True on padding
 
     def to(self, device) -> "EncoderInputs":
-        return EncoderInputs(self.values.to(device), self.gene_ids.to(device), self.padding_mask.to(device))
+        device = torch.device(device)
+        if device.type != "cuda":
+            return EncoderInputs(self.values.to(device), self.gene_ids.to(device), self.padding_mask.to(device))
+        # page-locked host memory lets the copy run behind the host, which can then prepare the next batch
+        return EncoderInputs(*(t.pin_memory().to(device, non_blocking=True)
+                               for t in (self.values, self.gene_ids, self.padding_mask)))
 
     @property
     def n_tokens(self) -> torch.Tensor:

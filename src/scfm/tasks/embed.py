@@ -123,16 +123,28 @@ def embed_cells(
                 normalised, target, source = _chunk_inputs(counts, start, stop, totals, pre_normalized, target_depth)
                 n_tokens = np.diff(normalised.indptr) + 2  # upper bound (positives only are kept)
                 result = np.empty((stop - start, dim), dtype=np.float32)
+                pending = None
                 for rows in model_inputs.length_buckets(n_tokens, batch_size, max_tokens):
                     enc = model_inputs.encoder_inputs_from_csr(normalised, target, source, net.config, rows).to(dev)
                     encoded = net.encode(enc.values, enc.gene_ids, enc.padding_mask)
-                    result[rows] = net.cell_embedding(encoded, enc, pool).float().cpu().numpy()
-                    if progress is not None:
-                        progress.update(len(rows))
+                    # on a GPU the kernels above are only queued: collect the previous batch now, so the
+                    # host prepares the next batch while the device still works on this one
+                    _collect(pending, result, progress)
+                    pending = rows, net.cell_embedding(encoded, enc, pool)
+                _collect(pending, result, progress)
                 out[start:stop] = result
     finally:
         net.train(was_training)
     return out
+
+
+def _collect(pending, result: np.ndarray, progress) -> None:
+    if pending is None:
+        return
+    rows, embedding = pending
+    result[rows] = embedding.float().cpu().numpy()
+    if progress is not None:
+        progress.update(len(rows))
 
 
 def _check_width(n_genes: int, expected: int) -> None:
