@@ -146,10 +146,11 @@ def test_pipeline_chain(tmp_path):
 
     # PRETRAIN on every sample's shards (one process, no GPU: no torchrun)
     staged = {f"shards/{p.name}": p for p in shards}
-    pretrain_dir = Task(work, "pretrain", "all", env, {**staged, "vocab.tsv": vocab},
-                        {"shard_flags": " ".join(f"--shards '{p}'" for p in staged),
-                         "vocab": "vocab.tsv", "init": "", "ds_config": "", "args": ""}, params).wait()
-    checkpoint = pretrain_dir / "pretrain_run" / "model"
+    run_dir = outdir / "pretrain" / "runs" / "chain"  # the module names it after a hash of its inputs
+    Task(work, "pretrain", "all", env, {**staged, "vocab.tsv": vocab},
+         {"shard_flags": " ".join(f"--shards '{p}'" for p in staged), "run_dir": run_dir,
+          "vocab": "vocab.tsv", "init": "", "ds_config": "", "args": ""}, params).wait()
+    checkpoint = run_dir / "model"
 
     # FINETUNE on every aligned sample (collected), or on those named in --finetune_sample
     chosen = [s.strip() for s in (params["finetune_sample"] or "").split(",") if s.strip()]

@@ -37,8 +37,10 @@ def test_two_process_zero2_learns_and_resumes_exactly(train_data, tmp_path):
     assert (part / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:06d}"
     assert {p.name for p in (part / "checkpoints" / f"step_{stopped_at:06d}").glob("scfm_*.json")} == {
         "scfm_rank0.json", "scfm_rank1.json", "scfm_checkpoint.json"}
+    assert json.loads((part / "PREEMPTED").read_text())["step"] == stopped_at  # torchrun itself exits 1
     torchrun("pretrain", *data, "-o", part, "--max-steps", "12", "--save-every", "3")  # --resume auto
 
+    assert not (part / "PREEMPTED").exists()
     full_log, part_log = _log(full), _log(part)
     assert [r["step"] for r in part_log] == [r["step"] for r in full_log] == list(range(1, 13))
     full_loss = np.array([r["loss"] for r in full_log])

@@ -87,6 +87,9 @@ def test_sigterm_finishes_the_step_saves_and_exits_preempted(preempted):
     assert (out / "checkpoints" / f"step_{stopped_at:06d}" / "scfm_checkpoint.json").is_file()
     assert sorted(_losses(out)) == list(range(1, stopped_at + 1))
     assert not (out / "model").exists()
+    # what a wrapper script reads when a launcher hides the exit status
+    marker = json.loads((out / "PREEMPTED").read_text())
+    assert marker == {"step": stopped_at, "checkpoint": f"step_{stopped_at:06d}", "signal": "SIGTERM"}
 
 
 @pytest.mark.slow
@@ -107,6 +110,7 @@ def test_the_rerun_continues_exactly_past_a_checkpoint_killed_mid_save(train_dat
     assert sorted(resumed) == list(range(1, STEPS + 1))
     _assert_same_losses(resumed, reference, range(1, STEPS + 1))
     assert (out / "model" / "model.safetensors").is_file()
+    assert not (out / "PREEMPTED").exists()  # continued
     # the debris was pruned (--keep-checkpoints 2)
     assert sorted(p.name for p in checkpoints.glob("step_*")) == [f"step_{stopped_at:06d}", f"step_{STEPS:06d}"]
 

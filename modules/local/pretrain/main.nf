@@ -3,6 +3,13 @@
 // All GPUs of one task train together: with `accelerator N` (conf/gpu.config, --pretrain_gpus) the
 // command runs under `torchrun --nproc_per_node N`. With --pretrain_nodes > 1 (Slurm only, see
 // conf/slurm.config) the job spans several nodes and `srun` starts one rank per GPU instead.
+//
+// The run directory (ZeRO checkpoints, logs) lives outside the work directory, under
+// --pretrain_runs_dir (default <outdir>/pretrain/runs), in a folder named after what the run's math
+// depends on: the shards (names and sizes), the vocabulary and the settings `scfm-pretrain` refuses to
+// change on resume. A retry after preemption, or a later run with -resume or a larger --max_steps,
+// finds that folder and continues from its newest complete checkpoint; different data or settings get
+// a new folder. A preempted run exits 75 (also under torchrun, which reports 1 for its workers).
 process PRETRAIN {
     tag "${shards.size()} shard dirs"
     label 'process_gpu'
@@ -14,7 +21,7 @@ process PRETRAIN {
     tuple env('MLFLOW_TRACKING_URI'), env('SCFM_MLFLOW_PARENT_RUN_ID')
 
     output:
-    // the run directory (ZeRO checkpoints for --resume, logs, curves) and the final model inside it
+    // a link to the run directory (ZeRO checkpoints for --resume, logs, curves) and the final model in it
     path 'pretrain_run', emit: run
     path 'pretrain_run/model', emit: checkpoint
     path 'versions.yml', emit: versions
@@ -32,10 +39,17 @@ process PRETRAIN {
     def shard_flags = shards.collect { dir -> "--shards '${dir}'" }.join(' ')
     def init = init_checkpoint ? "--init-checkpoint '${init_checkpoint}'" : ''
     def ds_config = params.deepspeed_config ? "--deepspeed-config '${params.deepspeed_config}'" : ''
+    def runs_dir = params.pretrain_runs_dir ?: "${file(params.outdir).toAbsolutePath()}/pretrain/runs"
+    def identity = [params.model_preset, init_checkpoint ?: '', params.zero_stage, params.deepspeed_config ?: '',
+                    params.micro_batch_size, params.grad_accum, params.seed, gpus, params.pretrain_nodes, args].join(' ').replace("'", '')
     """
+    run_key=\$( { stat -L -c '%n %s' shards/*/*; cat '${vocab}'; echo '${identity}'; } | sha256sum | cut -c1-16 )
+    run_dir='${runs_dir}'/\${run_key}
+    mkdir -p '${runs_dir}'
+    status=0
     ${launcher} scfm-pretrain \\
         ${shard_flags} \\
-        -o pretrain_run \\
+        -o "\${run_dir}" \\
         --vocab '${vocab}' \\
         --model-preset ${params.model_preset} \\
         ${init} \\
@@ -49,7 +63,13 @@ process PRETRAIN {
         --save-every ${params.save_every} \\
         --seed ${params.seed} \\
         --quiet \\
-        ${args}
+        ${args} || status=\$?
+    if [ -f "\${run_dir}/PREEMPTED" ]; then
+        echo "pretraining was stopped after saving a checkpoint in \${run_dir}; a retry continues it" >&2
+        exit 75
+    fi
+    [ \$status -eq 0 ] || exit \$status
+    ln -sfn "\${run_dir}" pretrain_run
 
     cat <<-END_VERSIONS > versions.yml
     "${task.process}":

@@ -28,6 +28,8 @@ Re-runs into the same directory (``--resume``):
   different ones is an error naming the setting, so a resumed run is the run it continues.
 - SIGTERM or SIGUSR1 (Slurm preemption, ``scontrol requeue``, ``--signal=USR1@120``) lets the current
   step finish, saves a checkpoint and exits with :attr:`Preempted.exit_code`; the next run resumes.
+  Rank 0 also leaves ``PREEMPTED`` (JSON: step, checkpoint, signal) in the run directory until a run
+  continues it, because launchers such as torchrun report their own exit status, not the workers'.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ CHECKPOINTS = "checkpoints"
 FINAL_MODEL = "model"
 TRAIN_LOG = "train_log.jsonl"
 COMPLETE_MARKER = "scfm_checkpoint.json"
+PREEMPTED_MARKER = "PREEMPTED"  # in the run directory while the run is stopped and waits to be continued
 RESUME_MODES = ("auto", "always", "never")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -445,6 +448,12 @@ def _all_reduce_mean(value: float, world_size: int) -> float:
     return float(tensor.item() / world_size)
 
 
+def write_preempted_marker(out_dir: Path, step: int, tag: str, signal_name: str | None) -> None:
+    with atomic_output(out_dir / PREEMPTED_MARKER) as tmp:
+        tmp.write_text(json.dumps({"step": step, "checkpoint": tag, "signal": signal_name or "on another rank"})
+                       + "\n")
+
+
 def pretrain(settings: PretrainSettings) -> dict:
     """Run (or resume) pretraining; returns the final metrics on rank 0 (an empty dict on the others)."""
     from scfm import tracking
@@ -493,6 +502,7 @@ def pretrain(settings: PretrainSettings) -> dict:
     if launch.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        (out_dir / PREEMPTED_MARKER).unlink(missing_ok=True)  # this run continues it
     log_path = out_dir / TRAIN_LOG
     history = read_train_log(log_path, up_to_step=step) if resuming else []
 
@@ -547,6 +557,8 @@ def pretrain(settings: PretrainSettings) -> dict:
             if stopping and step < settings.max_steps:  # at the last step, finishing is as quick
                 bar.close()
                 run.set_tags({"scfm.preempted_after_step": step})
+                if launch.is_main:
+                    write_preempted_marker(out_dir, step, tag, stop.signal_name)
                 raise Preempted(f"preempted ({stop.signal_name or 'signal on another rank'}) after step {step}: "
                                 f"saved checkpoint {tag}; run the same command again to continue", checkpoint_dir)
         bar.close()
