@@ -39,7 +39,8 @@ process PRETRAIN {
     def shard_flags = shards.collect { dir -> "--shards '${dir}'" }.join(' ')
     def init = init_checkpoint ? "--init-checkpoint '${init_checkpoint}'" : ''
     def ds_config = params.deepspeed_config ? "--deepspeed-config '${params.deepspeed_config}'" : ''
-    def runs_dir = params.pretrain_runs_dir ?: "${file(params.outdir).toAbsolutePath()}/pretrain/runs"
+    // absolute: the task runs in its own work directory (a shared file system, not object storage)
+    def runs_dir = file(params.pretrain_runs_dir ?: "${params.outdir}/pretrain/runs").toAbsolutePath()
     def identity = [params.model_preset, init_checkpoint ?: '', params.zero_stage, params.deepspeed_config ?: '',
                     params.micro_batch_size, params.grad_accum, params.seed, gpus, params.pretrain_nodes, args].join(' ').replace("'", '')
     """
