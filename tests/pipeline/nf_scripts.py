@@ -89,27 +89,14 @@ def render_command(process: Process, values: dict[str, object], params: dict[str
 
     ``${params.x}`` comes from ``params``; every other ``${expr}`` must be in ``values`` (a KeyError
     means the module changed and the caller must say what the new expression holds). Shell variables
-    (``\${name}`` in the module) are filled from ``values`` too.
+    (``\\${name}`` in the module) are filled from ``values`` too.
     """
-    def fill(match: re.Match) -> str:
-        expr = match.group(1)
-        if expr.startswith("params."):
-            value = params[expr[len("params."):]]
-        else:
-            value = values[expr]
-        if isinstance(value, bool):
-            return str(value).lower()
-        return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
     line = " ".join(command_words(process.shell)).replace("\\${", "${")
-    return shlex.split(re.sub(r"\$\{([^}]*)\}", fill, line))
+    return shlex.split(re.sub(r"\$\{([^}]*)\}", _groovy_filler(values, params), line))
 
 
-def render_script(process: Process, values: dict[str, object], params: dict[str, object]) -> str:
-    """The process's whole shell script (without the versions.yml heredoc), as the task would run it.
-
-    Groovy's ``${expr}`` are filled like :func:`render_command` does; ``\\$`` and ``\\\\`` become ``$`` and ``\\``.
-    """
+def _groovy_filler(values: dict[str, object], params: dict[str, object]):
+    """re.sub callback: the value of the ``${expr}`` matched, from ``params`` or ``values``, as Groovy prints it."""
     def fill(match: re.Match) -> str:
         expr = match.group(1)
         value = params[expr[len("params."):]] if expr.startswith("params.") else values[expr]
@@ -117,6 +104,15 @@ def render_script(process: Process, values: dict[str, object], params: dict[str,
             return str(value).lower()
         return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
-    script = re.sub(r"(?<!\\)\$\{([^}]*)\}", fill, process.shell)
+    return fill
+
+
+def render_script(process: Process, values: dict[str, object], params: dict[str, object]) -> str:
+    """The process's whole shell script (without the versions.yml heredoc), as the task would run it.
+
+    Groovy's ``${expr}`` are filled like :func:`render_command` does; ``\\$`` becomes ``$`` and ``\\\\`` before a
+    line end a shell line continuation.
+    """
+    script = re.sub(r"(?<!\\)\$\{([^}]*)\}", _groovy_filler(values, params), process.shell)
     script = re.sub(r"\\\\\s*\n", " ", script)  # Groovy's "\\" + newline: a shell line continuation
     return script.replace("\\$", "$")
