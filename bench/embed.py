@@ -123,10 +123,10 @@ def worker_throughput(args) -> dict:
     loaded = load_checkpoint(args.checkpoint, version="ce", vocab=args.vocab)
     counts = pbmc_in_vocabulary(args.cells)
     per_cell = args.mode == "per-cell"
-    settings = dict(precision=args.precision, device=args.device, batch_size=1 if per_cell else int(args.batch_size),
+    settings = dict(precision=args.precision, device=args.device, batch_size=1 if per_cell else args.batch_size,
                     chunk_size=1 if per_cell else 4096)
     # warm-up (allocator, kernels, autocast weight cache) so that the timing is steady state
-    embed_cells(loaded.model, counts[: max(4, int(args.batch_size))], **settings)
+    embed_cells(loaded.model, counts[: max(4, args.batch_size)], **settings)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -166,7 +166,7 @@ def worker_memory(args) -> dict:
             def __getitem__(self, s):
                 return rows[s]
 
-        embed_cells(loaded.model, FirstRows(), batch_size=int(args.batch_size), device=args.device, chunk_size=4096,
+        embed_cells(loaded.model, FirstRows(), batch_size=args.batch_size, device=args.device, chunk_size=4096,
                     out=out)
     seconds = time.perf_counter() - start
     out.flush()

@@ -23,20 +23,6 @@ from test_pipeline_chain import profile_params
 STEPS = 40
 
 
-@pytest.fixture(scope="module")
-def train_data(pbmc_counts, tmp_path_factory):
-    """The 700 real PBMCs as Parquet shards (what ALIGN hands PRETRAIN) and their vocabulary."""
-    from scfm.data.shards import ShardWriter
-    from scfm.data.vocab import Vocabulary
-
-    root = tmp_path_factory.mktemp("pretrain_inputs")
-    vocab = Vocabulary(list(pbmc_counts.var_names))
-    vocab.save(root / "vocab.tsv")
-    with ShardWriter(root / "shards", vocab, [], cells_per_shard=350, row_group_size=50) as writer:
-        writer.write(list(pbmc_counts.obs_names), pbmc_counts.X, pbmc_counts.obs)
-    return {"vocab": root / "vocab.tsv", "shards": root / "shards"}
-
-
 def _attempt(work: Path, name: str, train_data: dict, runs_dir: Path, params: dict, seed: int = 0):
     """Start one attempt of the PRETRAIN task in its own directory; returns (directory, process)."""
     task = work / name

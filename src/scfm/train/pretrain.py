@@ -448,10 +448,9 @@ def _all_reduce_mean(value: float, world_size: int) -> float:
     return float(tensor.item() / world_size)
 
 
-def write_preempted_marker(out_dir: Path, step: int, tag: str, signal_name: str | None) -> None:
+def write_preempted_marker(out_dir: Path, step: int, tag: str, reason: str) -> None:
     with atomic_output(out_dir / PREEMPTED_MARKER) as tmp:
-        tmp.write_text(json.dumps({"step": step, "checkpoint": tag, "signal": signal_name or "on another rank"})
-                       + "\n")
+        tmp.write_text(json.dumps({"step": step, "checkpoint": tag, "signal": reason}) + "\n")
 
 
 def pretrain(settings: PretrainSettings) -> dict:
@@ -557,9 +556,10 @@ def pretrain(settings: PretrainSettings) -> dict:
             if stopping and step < settings.max_steps:  # at the last step, finishing is as quick
                 bar.close()
                 run.set_tags({"scfm.preempted_after_step": step})
+                reason = stop.signal_name or "signal on another rank"
                 if launch.is_main:
-                    write_preempted_marker(out_dir, step, tag, stop.signal_name)
-                raise Preempted(f"preempted ({stop.signal_name or 'signal on another rank'}) after step {step}: "
+                    write_preempted_marker(out_dir, step, tag, reason)
+                raise Preempted(f"preempted ({reason}) after step {step}: "
                                 f"saved checkpoint {tag}; run the same command again to continue", checkpoint_dir)
         bar.close()
 
