@@ -1,7 +1,8 @@
 /*
  * scfm: QC -> ALIGN -> (PRETRAIN | FINETUNE | neither) -> EMBED -> ANNOTATE -> REPORT
  *
- * --mode embed     embed with --checkpoint
+ * --mode embed     embed with --checkpoint; with --classifier, embed with the classifier's own encoder
+ *                  (the weights its head was trained on) and annotate with its head
  * --mode finetune  fine-tune a classifier from --checkpoint on the labelled cells of every sample (--label_key;
  *                  --finetune_sample a,b restricts it to named samples), then embed with it and annotate
  * --mode pretrain  build a vocabulary (or take --vocab), write shards, pretrain, embed with the new
@@ -12,6 +13,7 @@
  */
 
 include { MLFLOW_INIT              } from '../modules/local/mlflow_init'
+include { MLFLOW_FINISH            } from '../modules/local/mlflow_finish'
 include { QC                       } from '../modules/local/qc'
 include { VOCAB_BUILD              } from '../modules/local/vocab'
 include { ALIGN                    } from '../modules/local/align'
@@ -25,16 +27,16 @@ include { REPORT as REPORT_ALL     } from '../modules/local/report'
 workflow SCFM {
     take:
     samples          // channel: [ meta (id, batch, condition), counts file or 10x directory ]
-    mlflow_uri       // string: tracking URI every step logs into
     finetune_samples // list: sample ids to fine-tune on (main.nf checks them); empty means every sample
 
     main:
     def pretraining = params.mode == 'pretrain'
     def finetuning = params.mode == 'finetune' || (pretraining && params.label_key && !params.classifier && !params.reference)
 
-    // One parent MLflow run for the whole pipeline; every step below nests its run under it.
-    MLFLOW_INIT(mlflow_uri, workflow.runName, workflow.sessionId.toString())
-    tracking = MLFLOW_INIT.out.tracking.first()
+    // One parent MLflow run for the whole pipeline; every step below nests its run under it. Steps get
+    // the session id (which -resume keeps), never the store or the parent run id: see MLFLOW_INIT.
+    MLFLOW_INIT(workflow.sessionId.toString())
+    tracking = MLFLOW_INIT.out.session
 
     QC(samples, tracking)
 
@@ -44,21 +46,29 @@ workflow SCFM {
     }
     else if (pretraining) {
         VOCAB_BUILD(QC.out.h5ad.map { _meta, h5ad -> h5ad }.collect(), tracking)
-        vocab = VOCAB_BUILD.out.vocab.first()
+        vocab = VOCAB_BUILD.out.vocab
     }
     else {
-        vocab = channel.value(file("${params.checkpoint}/vocab.tsv", checkIfExists: true))
+        // the classifier's vocabulary when embedding with its encoder (--mode embed --classifier)
+        def model_dir = params.mode == 'embed' && params.classifier ? params.classifier : params.checkpoint
+        vocab = channel.value(file("${model_dir}/vocab.tsv", checkIfExists: true))
     }
 
-    ALIGN(QC.out.h5ad, vocab, pretraining, tracking)
+    // staged like any input: relative paths work, containers see it, an edit invalidates the cache
+    aliases = params.aliases ? channel.value(file(params.aliases, checkIfExists: true)) : channel.value([])
+    ALIGN(QC.out.h5ad, vocab, aliases, pretraining, tracking)
 
     if (pretraining) {
         def init = params.init_checkpoint ? file(params.init_checkpoint, checkIfExists: true) : []
-        PRETRAIN(ALIGN.out.shards.map { _meta, dir -> dir }.collect(), vocab, init, tracking)
-        base_checkpoint = PRETRAIN.out.checkpoint.first()
+        def deepspeed_config = params.deepspeed_config ? file(params.deepspeed_config, checkIfExists: true) : []
+        PRETRAIN(ALIGN.out.shards.map { _meta, dir -> dir }.collect(), vocab, init, deepspeed_config, tracking)
+        base_checkpoint = PRETRAIN.out.checkpoint
+    }
+    else if (params.checkpoint) {
+        base_checkpoint = channel.value(file(params.checkpoint, checkIfExists: true))
     }
     else {
-        base_checkpoint = channel.value(file(params.checkpoint, checkIfExists: true))
+        base_checkpoint = channel.value([])
     }
 
     if (finetuning) {
@@ -69,12 +79,17 @@ workflow SCFM {
             .map { _meta, h5ad -> h5ad }
             .collect(sort: true)
         FINETUNE(training, base_checkpoint, vocab, params.label_key, tracking)
-        classifier = FINETUNE.out.classifier.first()
+        classifier = FINETUNE.out.classifier
         // the classifier carries the fine-tuned encoder its head was trained on
         embed_checkpoint = classifier
     }
+    else if (params.classifier) {
+        // a classifier directory is a full checkpoint: its encoder is the one its head was trained on
+        classifier = channel.value(file(params.classifier, checkIfExists: true))
+        embed_checkpoint = classifier
+    }
     else {
-        classifier = params.classifier ? channel.value(file(params.classifier, checkIfExists: true)) : channel.value([])
+        classifier = channel.value([])
         embed_checkpoint = base_checkpoint
     }
 
@@ -103,9 +118,12 @@ workflow SCFM {
         .map { pairs -> ['all_samples', pairs.collect { pair -> pair[0] }.sort(), pairs.collect { pair -> pair[1] }.sort()] }
     REPORT_ALL(all_samples, tracking)
 
+    // the parent run ends once every report is written
+    MLFLOW_FINISH(tracking, REPORT_BATCH.out.html.mix(REPORT_ALL.out.html).map { _name, html -> html }.collect())
+
     versions = channel.empty()
         .mix(MLFLOW_INIT.out.versions, QC.out.versions, ALIGN.out.versions, EMBED.out.versions)
-        .mix(REPORT_BATCH.out.versions, REPORT_ALL.out.versions)
+        .mix(REPORT_BATCH.out.versions, REPORT_ALL.out.versions, MLFLOW_FINISH.out.versions)
     if (pretraining && !params.vocab) {
         versions = versions.mix(VOCAB_BUILD.out.versions)
     }

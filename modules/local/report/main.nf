@@ -5,7 +5,7 @@ process REPORT {
 
     input:
     tuple val(name), path(h5ads, stageAs: 'inputs/*', arity: '1..*'), path(qc_summaries, stageAs: 'qc/*', arity: '1..*')
-    tuple env('MLFLOW_TRACKING_URI'), env('SCFM_MLFLOW_PARENT_RUN_ID')
+    env('SCFM_PIPELINE_SESSION')
 
     output:
     tuple val(name), path("${name}.report.html"), emit: html
@@ -34,7 +34,7 @@ process REPORT {
     "${task.process}":
         scfm: \$(scfm --version | sed 's/.* //')
         python: \$(python3 --version | sed 's/Python //')
-        torch: \$(python3 -c 'import torch; print(torch.__version__)')
+        torch: \$(python3 -c 'from importlib.metadata import version; print(version("torch"))')
     END_VERSIONS
     """
 

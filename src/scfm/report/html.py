@@ -155,15 +155,15 @@ def linked_training_runs(uri: str | None, run_ids: Sequence[str]) -> list[str]:
     """Explicit ``--run-id``s, else the pretrain/fine-tune runs under the current pipeline parent run."""
     if run_ids or not uri:
         return list(run_ids)
-    from scfm.tracking import PARENT_ENV
-
-    parent = os.environ.get(PARENT_ENV)
-    if not parent:
-        return []
     from mlflow.tracking import MlflowClient
+
+    from scfm.tracking import current_parent_run_id
 
     client = MlflowClient(tracking_uri=uri)
     try:
+        parent = current_parent_run_id(uri)
+        if not parent:
+            return []
         experiment_id = client.get_run(parent).info.experiment_id
         found = client.search_runs(
             [experiment_id],
