@@ -25,6 +25,7 @@ a drug not seen in training): on GDSC most of the overall Pearson correlation co
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -234,6 +235,18 @@ def load_drug_model(directory) -> DrugModel:
 
 
 # ------------------------------------------------------------------------------------- training
+@contextlib.contextmanager
+def one_thread():
+    """These networks are small: on a CPU, handing each tiny matrix product to several threads costs more
+    than the product (8x slower on a busy 2-core machine), so training runs on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _fit_feature_transform(cells: CellTable, train_rows: np.ndarray, representation: str, settings: RegressorSettings):
     """PCA (if asked) and standardisation, both from the training cell lines only."""
     values = cells.values
@@ -280,7 +293,18 @@ def fit_drug_model(cells: CellTable, pairs: pd.DataFrame, fingerprints: Fingerpr
                       pca_components, cells.embed_settings if representation == "scfm" else {},
                       dict(fingerprint_params or {}))
     features = model.features(cells)
-    cells_t, drugs_t, y_t = torch.from_numpy(features), torch.from_numpy(fingerprints.bits), torch.from_numpy(y)
+    with one_thread():
+        history = _train_loop(model, features, fingerprints.bits, cell_idx, drug_idx, y, train, val, settings, rng,
+                              progress, log_epoch)
+    predicted = model.predict_pairs(features, fingerprints.bits, cell_idx, drug_idx)
+    predictions = pairs.assign(split=split, predicted_ln_ic50=predicted,
+                               drug_mean_baseline=drug_mean_baseline(pairs[split == "train"], pairs))
+    return model, predictions, history
+
+
+def _train_loop(model: DrugModel, features, drug_bits, cell_idx, drug_idx, y, train, val, settings, rng, progress,
+                log_epoch) -> list[dict]:
+    cells_t, drugs_t, y_t = torch.from_numpy(features), torch.from_numpy(drug_bits), torch.from_numpy(y)
     optimiser = torch.optim.Adam(model.net.parameters(), lr=settings.learning_rate)
     best_score, best_state, best_epoch, waited, history = -np.inf, None, 0, 0, []
     for epoch in range(1, settings.max_epochs + 1):
@@ -297,7 +321,7 @@ def fit_drug_model(cells: CellTable, pairs: pd.DataFrame, fingerprints: Fingerpr
             loss.backward()
             optimiser.step()
             losses.append(loss.item())
-        val_pred = model.predict_pairs(features, fingerprints.bits, cell_idx[val], drug_idx[val])
+        val_pred = model.predict_pairs(features, drug_bits, cell_idx[val], drug_idx[val])
         val_pearson = _pearson(y[val], val_pred)
         score = val_pearson if np.isfinite(val_pearson) else -np.inf
         record = {"epoch": epoch, "train_mse": float(np.mean(losses)), "val_pearson": val_pearson,
@@ -316,10 +340,7 @@ def fit_drug_model(cells: CellTable, pairs: pd.DataFrame, fingerprints: Fingerpr
                 break
     model.net.load_state_dict(best_state)
     model.extra["best_epoch"] = best_epoch
-    predicted = model.predict_pairs(features, fingerprints.bits, cell_idx, drug_idx)
-    predictions = pairs.assign(split=split, predicted_ln_ic50=predicted,
-                               drug_mean_baseline=drug_mean_baseline(pairs[split == "train"], pairs))
-    return model, predictions, history
+    return history
 
 
 def split_metrics(predictions: pd.DataFrame) -> dict:

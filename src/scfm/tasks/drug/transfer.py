@@ -131,6 +131,13 @@ def domain_separability(source: np.ndarray, target: np.ndarray, seed: int) -> fl
 def train_sensitivity(source: np.ndarray, labels: np.ndarray, target: np.ndarray, settings: TransferSettings,
                       ) -> tuple[SensitivityNet, dict]:
     """One drug: standardised source rows with 0/1 labels, standardised target rows -> network and metrics."""
+    from scfm.tasks.drug.regression import one_thread
+
+    with one_thread():
+        return _train_sensitivity(source, labels, target, settings)
+
+
+def _train_sensitivity(source, labels, target, settings: TransferSettings) -> tuple[SensitivityNet, dict]:
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     held = _stratified_holdout(labels, settings.val_fraction, rng)
