@@ -13,8 +13,9 @@
    profile is lost to the scfm path (the expression and PCA inputs keep all 6,163 z-scores).
 3. A ``tiny`` scfm model is pretrained here (``scfm align`` + ``scfm pretrain``, CPU) on those pseudo-counts,
    with the ``--vocab-genes`` (2,000) GDSC genes of highest mean z-score as its vocabulary (they hold almost
-   every non-zero pseudo-count; the decoder's cost grows with the vocabulary), and every line is embedded with ``scfm embed --input-type
-   bulk`` (the released script's bulk path: scaled to the median total, log1p, T = S = log10 of the sum).
+   every non-zero pseudo-count; the decoder's cost grows with the vocabulary), and every line is embedded
+   with ``scfm embed --input-type bulk`` (the released script's bulk path: scaled to the median total,
+   log1p, T = S = log10 of the sum).
    Pretraining is transductive: it sees every line's expression, no response. PCA is fitted on the training
    lines of each split. This is not the released 100M-parameter model pretrained on 50M cells; the paper's
    DeepCDR result (Pearson 0.837 -> 0.878) needs those weights and cannot be reproduced here.
@@ -193,8 +194,8 @@ def markdown(results: dict) -> str:
                 continue
             for representation, r in by_rep.items():
                 m = r[part]["model"]
-                rows.append(f"| {label} | {representation} | {m['pearson']:.3f} | {m['spearman']:.3f} | {m['rmse']:.3f} | "
-                            f"{_fmt(m['per_drug_median_pearson'])} | {r['best_epoch']} |")
+                rows.append(f"| {label} | {representation} | {m['pearson']:.3f} | {m['spearman']:.3f} | "
+                            f"{m['rmse']:.3f} | {_fmt(m['per_drug_median_pearson'])} | {r['best_epoch']} |")
             b = next(iter(by_rep.values()))[part]["drug_mean_baseline"]
             rows.append(f"| {label} | drug mean (no cell input) | {_fmt(b['pearson'])} | {_fmt(b['spearman'])} | "
                         f"{b['rmse']:.3f} | {_fmt(b['per_drug_median_pearson'])} | - |")

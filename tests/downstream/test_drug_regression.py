@@ -129,7 +129,7 @@ def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, case):
     elif case == "not a model":
         (tmp_path / "fake").mkdir()
         args = ["predict", paths["cells"], "--model", tmp_path / "fake", "-o", out]
-        message = "not a drug model directory"
+        message = "not a drug response model directory"
     else:
         adata[:, :50].copy().write_h5ad(tmp_path / "few.h5ad")
         args = ["predict", tmp_path / "few.h5ad", "--model", root / "model", "-o", out]

@@ -37,8 +37,8 @@ def _domains(seed: int = 0):
     own = np.zeros(N_GENES)
     own[20:30] = 1.0
     shift, scale = rng.normal(3.0, 1.0, size=N_GENES), rng.uniform(0.3, 2.0, size=N_GENES)
-    single = (np.outer(cells, program) + np.outer(rng.normal(size=600), other) + 1.5 * np.outer(rng.normal(size=600), own)
-              + 0.8 * rng.normal(size=(600, N_GENES))) * scale + shift
+    single = (np.outer(cells, program) + np.outer(rng.normal(size=600), other)
+              + 1.5 * np.outer(rng.normal(size=600), own) + 0.8 * rng.normal(size=(600, N_GENES))) * scale + shift
     return bulk, ln_ic50, single, cells > 0
 
 

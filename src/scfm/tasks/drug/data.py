@@ -58,8 +58,8 @@ def read_response(path) -> pd.DataFrame:
     values = pd.to_numeric(table["ln_ic50"], errors="coerce")
     bad = table["ln_ic50"].notna() & values.isna()
     if bad.any():
-        raise ScfmError(f"ln_ic50 is not a number in {int(bad.sum())} row(s) (first: {table['ln_ic50'][bad].iloc[0]!r})",
-                        path)
+        first = table["ln_ic50"][bad].iloc[0]
+        raise ScfmError(f"ln_ic50 is not a number in {int(bad.sum())} row(s) (first: {first!r})", path)
     table = table.assign(ln_ic50=values).dropna()
     if table.empty:
         raise ScfmError("no response values", path)

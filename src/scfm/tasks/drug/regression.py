@@ -26,7 +26,6 @@ a drug not seen in training): on GDSC most of the overall Pearson correlation co
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,10 +37,10 @@ from torch import nn
 from scfm.errors import ScfmError
 from scfm.tasks.drug.data import CellTable, reorder_genes
 from scfm.tasks.drug.fingerprints import Fingerprints
+from scfm.tasks.drug.modeldir import read_model_dir, write_model_dir
 
 SPLIT_UNITS = ("cell_line", "drug", "pair")
 MODEL_KIND = "scfm-drug-regressor"
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 MIN_PAIRS_PER_DRUG = 10  # a per-drug correlation on fewer pairs says little
 
 
@@ -95,14 +94,16 @@ def assign_split(pairs: pd.DataFrame, by: str, test_fraction: float, val_fractio
     if by not in SPLIT_UNITS:
         raise ScfmError(f"unknown split unit {by!r} (choose from {', '.join(SPLIT_UNITS)})")
     if not (0 <= test_fraction < 1 and 0 < val_fraction < 1 and test_fraction + val_fraction < 1):
-        raise ScfmError(f"test ({test_fraction}) and validation ({val_fraction}) fractions must leave pairs to train on")
+        raise ScfmError(f"test ({test_fraction}) and validation ({val_fraction}) fractions must leave pairs "
+                        "to train on")
     units = np.arange(len(pairs)) if by == "pair" else pairs[by].to_numpy()
     unique = np.unique(units)
     order = np.random.default_rng(seed).permutation(unique)
     n_test = int(round(test_fraction * len(unique)))
     n_val = max(1, int(round(val_fraction * len(unique))))
     if len(unique) - n_test - n_val < 1:
-        raise ScfmError(f"only {len(unique)} {by.replace('_', ' ')}(s): too few to split into train, validation and test")
+        raise ScfmError(f"only {len(unique)} {by.replace('_', ' ')}(s): too few to split into train, validation "
+                        "and test")
     role = pd.Series("train", index=order, dtype=object)
     role.iloc[:n_test] = "test"
     role.iloc[n_test : n_test + n_val] = "val"
@@ -187,51 +188,24 @@ class DrugModel:
 
     # ------------------------------------------------------------------ directory format
     def save(self, directory: Path) -> None:
-        from safetensors.torch import save_file
-
-        from scfm import __version__
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-        tensors["feature_mean"] = torch.from_numpy(np.ascontiguousarray(self.feature_mean, dtype=np.float32))
-        tensors["feature_scale"] = torch.from_numpy(np.ascontiguousarray(self.feature_scale, dtype=np.float32))
-        tensors["drug_fingerprints"] = torch.from_numpy(np.ascontiguousarray(self.fingerprints.bits))
+        tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        tensors["feature_mean"] = torch.from_numpy(np.asarray(self.feature_mean, dtype=np.float32))
+        tensors["feature_scale"] = torch.from_numpy(np.asarray(self.feature_scale, dtype=np.float32))
+        tensors["drug_fingerprints"] = torch.from_numpy(np.asarray(self.fingerprints.bits, dtype=np.float32))
         if self.pca_components is not None:
-            tensors["pca_mean"] = torch.from_numpy(np.ascontiguousarray(self.pca_mean, dtype=np.float32))
-            tensors["pca_components"] = torch.from_numpy(np.ascontiguousarray(self.pca_components, dtype=np.float32))
-        save_file(tensors, str(directory / WEIGHTS_FILE))
+            tensors["pca_mean"] = torch.from_numpy(np.asarray(self.pca_mean, dtype=np.float32))
+            tensors["pca_components"] = torch.from_numpy(np.asarray(self.pca_components, dtype=np.float32))
         config = {
-            "kind": MODEL_KIND, "scfm_version": __version__, "representation": self.representation,
-            "cell_dim": int(self.net.cell[0].in_features), "drugs": self.fingerprints.drugs,
-            "smiles": {d: self.smiles[d] for d in self.fingerprints.drugs}, "fingerprint": self.fingerprint,
-            "genes": self.genes, "embed_settings": self.embed_settings, "settings": asdict(self.settings),
-            **self.extra,
+            "representation": self.representation, "cell_dim": int(self.net.cell[0].in_features),
+            "drugs": self.fingerprints.drugs, "smiles": {d: self.smiles[d] for d in self.fingerprints.drugs},
+            "fingerprint": self.fingerprint, "genes": self.genes, "embed_settings": self.embed_settings,
+            "settings": asdict(self.settings), **self.extra,
         }
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
+        write_model_dir(directory, MODEL_KIND, config, tensors)
 
 
 def load_drug_model(directory) -> DrugModel:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    try:
-        config = json.loads((directory / CONFIG_FILE).read_text())
-        tensors = load_file(str(directory / WEIGHTS_FILE))
-    except (OSError, json.JSONDecodeError, SafetensorError) as exc:
-        raise ScfmError(f"not a drug model directory ({type(exc).__name__}: {exc})", directory) from exc
-    if config.get("kind") != MODEL_KIND:
-        raise ScfmError(f"not a drug response model (kind {config.get('kind')!r}; `scfm drug train` writes one)",
-                        directory)
+    config, tensors = read_model_dir(directory, MODEL_KIND, "drug response model", "scfm drug train")
     settings = RegressorSettings(**config["settings"])
     bits = tensors["drug_fingerprints"].numpy()
     net = DrugResponseNet(config["cell_dim"], bits.shape[1], settings)

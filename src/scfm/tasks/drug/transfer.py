@@ -25,7 +25,6 @@ with a planted sensitivity program (tests/downstream/test_drug_transfer.py).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,9 +35,9 @@ import torch
 from torch import nn
 
 from scfm.errors import ScfmError
+from scfm.tasks.drug.modeldir import read_model_dir, write_model_dir
 
 MODEL_KIND = "scfm-drug-sensitivity"
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
 @dataclass
@@ -196,38 +195,18 @@ class SensitivityModel:
     extra: dict = field(default_factory=dict)
 
     def save(self, directory: Path) -> None:
-        from safetensors.torch import save_file
-
-        from scfm import __version__
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         drugs = list(self.nets)
-        tensors = {f"drug{i}.{k}": v.detach().cpu().contiguous()
-                   for i, drug in enumerate(drugs) for k, v in self.nets[drug].state_dict().items()}
-        tensors["target_mean"] = torch.from_numpy(np.ascontiguousarray(self.target_mean))
-        tensors["target_scale"] = torch.from_numpy(np.ascontiguousarray(self.target_scale))
-        save_file(tensors, str(directory / WEIGHTS_FILE))
-        config = {"kind": MODEL_KIND, "scfm_version": __version__, "representation": self.representation,
-                  "dim": int(len(self.target_mean)), "drugs": drugs, "thresholds": self.thresholds,
-                  "genes": self.genes, "embed_settings": self.embed_settings, "settings": asdict(self.settings),
-                  **self.extra}
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str, allow_nan=False) + "\n")
+        tensors = {f"drug{i}.{k}": v for i, drug in enumerate(drugs) for k, v in self.nets[drug].state_dict().items()}
+        tensors["target_mean"] = torch.from_numpy(np.asarray(self.target_mean, dtype=np.float32))
+        tensors["target_scale"] = torch.from_numpy(np.asarray(self.target_scale, dtype=np.float32))
+        config = {"representation": self.representation, "dim": int(len(self.target_mean)), "drugs": drugs,
+                  "thresholds": self.thresholds, "genes": self.genes, "embed_settings": self.embed_settings,
+                  "settings": asdict(self.settings), **self.extra}
+        write_model_dir(directory, MODEL_KIND, config, tensors)
 
 
 def load_sensitivity_model(directory) -> SensitivityModel:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    try:
-        config = json.loads((directory / CONFIG_FILE).read_text())
-        tensors = load_file(str(directory / WEIGHTS_FILE))
-    except (OSError, json.JSONDecodeError, SafetensorError) as exc:
-        raise ScfmError(f"not a drug sensitivity model directory ({type(exc).__name__}: {exc})", directory) from exc
-    if config.get("kind") != MODEL_KIND:
-        raise ScfmError(f"not a drug sensitivity model (kind {config.get('kind')!r}; `scfm drug adapt` writes one)",
-                        directory)
+    config, tensors = read_model_dir(directory, MODEL_KIND, "drug sensitivity model", "scfm drug adapt")
     settings = TransferSettings(**config["settings"])
     nets = {}
     for i, drug in enumerate(config["drugs"]):
