@@ -161,3 +161,24 @@ def test_metrics_by_hand():
     assert m["pearson"] == pytest.approx(1.0) and m["spearman"] == pytest.approx(1.0)
     assert m["rmse"] == pytest.approx(np.sqrt(np.mean((observed + 1) ** 2)))
     assert m["per_drug_median_pearson"] == pytest.approx(1.0) and m["n_drugs_scored"] == 2
+
+
+def test_scfm_embeddings_must_come_from_the_same_weights(tmp_path):
+    """The scfm representation: trained on obsm['X_scfm']; an input embedded with other weights is refused."""
+    adata, response, programs = make_cell_lines(n_lines=80, seed=2)
+    adata.obsm["X_scfm"] = np.hstack([programs, np.random.default_rng(0).normal(size=(80, 6))]).astype(np.float32)
+    adata.uns["scfm"] = {"embed": {"checkpoint_sha256": "aaa", "pool": "all", "input_type": "bulk",
+                                   "target_depth": "T=S", "n_genes": np.int64(60)}}
+    paths = write_inputs(tmp_path, adata, response)
+    STORE.setdefault("uri", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    code, output = run("drug", "train", paths["cells"], "--response", paths["response"], "--smiles", paths["smiles"],
+                       "-o", tmp_path / "m", "--max-epochs", 3)
+    assert code == 0, output
+    assert load_drug_model(tmp_path / "m").embed_settings["checkpoint_sha256"] == "aaa"
+    code, output = run("drug", "predict", paths["cells"], "--model", tmp_path / "m", "-o", tmp_path / "ok.tsv")
+    assert code == 0, output
+    adata.uns["scfm"]["embed"]["checkpoint_sha256"] = "bbb"
+    adata.write_h5ad(tmp_path / "other.h5ad")
+    code, output = run("drug", "predict", tmp_path / "other.h5ad", "--model", tmp_path / "m", "-o", tmp_path / "p.tsv")
+    assert code == 1 and "embedded differently from the model's training data (checkpoint_sha256" in output
+    assert not (tmp_path / "p.tsv").exists()

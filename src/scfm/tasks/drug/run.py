@@ -44,6 +44,7 @@ def check_embedding_space(model_settings: dict, input_settings: dict, path, *, i
     """Embeddings made with other weights or settings than the model was trained on are refused."""
     from scfm.tasks.annotate import EMBEDDING_SPACE_KEYS
 
+    model_settings, input_settings = _plain_settings(model_settings), _plain_settings(input_settings)
     differing = [f"{key}: model {model_settings[key]!r} vs input {input_settings[key]!r}"
                  for key in EMBEDDING_SPACE_KEYS
                  if key not in ignore and key in model_settings and key in input_settings
@@ -134,8 +135,11 @@ def predict_file(cells_path, model_dir, output_path, *, drugs=None, smiles_path=
     features = model.features(cells, cells_path)
     if response_path:
         response = drug_data.read_response(response_path)
-        pairs, dropped = drug_data.overlapping_pairs(response[response["drug"].isin(wanted)], cells.names, wanted,
-                                                     response_path=response_path, cells_path=cells_path)
+        response = response[response["drug"].isin(wanted)]
+        if response.empty:
+            raise ScfmError(f"no response values for the drugs asked for ({', '.join(wanted[:5])})", response_path)
+        pairs, dropped = drug_data.overlapping_pairs(response, cells.names, wanted, response_path=response_path,
+                                                     cells_path=cells_path)
     else:
         pairs = pd.DataFrame([(c, d) for d in wanted for c in cells.names], columns=["cell_line", "drug"])
         dropped = {}
@@ -162,6 +166,10 @@ def predict_file(cells_path, model_dir, output_path, *, drugs=None, smiles_path=
 # ---------------------------------------------------------------------------------------- adapt
 def _shared_features(source: drug_data.CellTable, targets: list[drug_data.CellTable], representation, paths):
     if representation == "scfm":
+        for target, path in zip(targets, paths[1:]):
+            # bulk lines and single cells go through different input paths of the same weights
+            check_embedding_space(source.embed_settings, target.embed_settings, path,
+                                  ignore=("input_type", "target_depth", "pre_normalized"))
         dims = {t.values.shape[1] for t in targets} | {source.values.shape[1]}
         if len(dims) > 1:
             raise ScfmError(f"bulk and single-cell embeddings differ in width ({sorted(dims)}): embed both with "
