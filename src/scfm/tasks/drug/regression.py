@@ -133,7 +133,8 @@ def regression_metrics(observed, predicted, drugs) -> dict:
     return {
         "n_pairs": int(len(observed)),
         "pearson": _pearson(observed, predicted),
-        "spearman": float(spearmanr(observed, predicted).statistic) if len(observed) > 1 else float("nan"),
+        "spearman": (float(spearmanr(observed, predicted).statistic)
+                     if len(observed) > 1 and not _constant(observed) and not _constant(predicted) else float("nan")),
         "rmse": float(np.sqrt(np.mean((observed - predicted) ** 2))) if len(observed) else float("nan"),
         "per_drug_median_pearson": float(np.median(scored)) if scored else float("nan"),
         "n_drugs_scored": len(scored),
