@@ -75,3 +75,21 @@ def sensitivity_histogram_png(scores: pd.DataFrame) -> bytes:
         ax.set_xlabel("P(sensitive)")
     fig.tight_layout()
     return figure_png(fig)
+
+
+def transfer_curves_png(histories: dict[str, list[dict]]) -> bytes:
+    """Per drug: the sensitivity loss on bulk lines and the domain loss (ln 2 when the domains are mixed)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for drug, history in histories.items():
+        frame = pd.DataFrame(history)
+        axes[0].plot(frame["epoch"], frame["label_loss"], label=drug)
+        axes[1].plot(frame["epoch"], frame["domain_loss"], label=drug)
+    axes[0].set_title("sensitivity loss (bulk lines)", fontsize=9)
+    axes[1].set_title("domain loss (ln 2 = domains mixed)", fontsize=9)
+    axes[1].axhline(np.log(2), color="grey", linewidth=0.8)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    axes[0].legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return figure_png(fig)

@@ -225,23 +225,14 @@ def adapt_file(source_path, response_path, target_paths, output_dir, *, drugs, r
     summary = {"representation": representation, "drugs": list(drugs), "thresholds": thresholds,
                "per_drug": {d: {k: v for k, v in m.items() if k != "history"} for d, m in metrics.items()}}
     model.extra["metrics"] = finite_or_none(summary["per_drug"])
-    from scfm.report.plots import _pyplot, figure_png
+    from scfm.tasks.drug.plots import transfer_curves_png
 
     with atomic_output(output_dir) as tmp:
         model.save(tmp)
         _write_json(tmp / "metrics.json", {**summary, "history": {d: m["history"] for d, m in metrics.items()}})
-        plt = _pyplot()
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-        for drug, m in metrics.items():
-            frame = pd.DataFrame(m["history"])
-            axes[0].plot(frame["epoch"], frame["label_loss"], label=drug)
-            axes[1].plot(frame["epoch"], frame["domain_loss"], label=drug)
-        axes[0].set_title("sensitivity loss (bulk lines)", fontsize=9)
-        axes[1].set_title("domain loss (ln 2 = domains mixed)", fontsize=9)
-        axes[1].axhline(np.log(2), color="grey", linewidth=0.8)
-        axes[0].legend(fontsize=7, frameon=False)
         (tmp / "plots").mkdir()
-        (tmp / "plots" / "training_curves.png").write_bytes(figure_png(fig))
+        (tmp / "plots" / "training_curves.png").write_bytes(
+            transfer_curves_png({d: m["history"] for d, m in metrics.items()}))
     return summary
 
 
