@@ -5,5 +5,7 @@ cells (SCAD-style).
     fingerprints.py  SMILES -> Morgan fingerprints (RDKit); unparsable SMILES are listed and skipped
     regression.py    the two-branch network, training with early stopping, metrics, the model directory
     transfer.py      sensitive / resistant labels, adversarial domain adaptation, per-cell scores
+    modeldir.py      the model directories: config.json + model.safetensors, nothing pickled
     plots.py         figures for the model directories
+    run.py           what `scfm drug train | predict | adapt | score` do: read, check, write atomically
 """

@@ -13,8 +13,8 @@ Network per drug (after SCAD): extractor ``Linear h -> BatchNorm -> ReLU -> Drop
 BatchNorm -> ReLU -> Dropout -> Linear z -> LeakyReLU -> Dropout -> Linear 1``; domain classifier behind a
 gradient-reversal layer ``Linear h -> LeakyReLU -> Dropout -> Linear h -> LeakyReLU -> Linear 1``. Loss = BCE of
 the drug label on bulk lines (class-balanced batches) + ``lambda`` x BCE of the domain on bulk and cell batches;
-the reversed gradient pushes the extractor towards features the domain classifier cannot tell apart. Adam,
-fixed epochs (the target has no labels to stop on). 20 % of the lines (stratified) are held out and scored:
+the reversed gradient pushes the extractor towards features the domain classifier cannot tell apart. Adam
+(SCAD uses Adagrad), fixed epochs (the target has no labels to stop on). 20 % of the lines (stratified) are held out and scored:
 ``source_val_auroc``. ``domain_auroc`` says how well a fresh classifier still separates the domains after
 training (0.5 = indistinguishable).
 
