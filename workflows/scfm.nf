@@ -9,7 +9,8 @@
  *                  checkpoint; with --label_key also fine-tune a classifier from it and annotate
  *
  * Annotation runs when a classifier is given (--classifier) or produced (FINETUNE), or with a
- * reference (--reference + --label_key). Reports: one per batch and one for all samples.
+ * reference (--reference + --label_key). With --drug_model (from `scfm drug adapt`), DRUG_RESPONSE scores
+ * every cell for --drugs (default: all of the model's). Reports: one per batch and one for all samples.
  */
 
 include { MLFLOW_INIT              } from '../modules/local/mlflow_init'
@@ -21,6 +22,7 @@ include { PRETRAIN                 } from '../modules/local/pretrain'
 include { FINETUNE                 } from '../modules/local/finetune'
 include { EMBED                    } from '../modules/local/embed'
 include { ANNOTATE                 } from '../modules/local/annotate'
+include { DRUG_RESPONSE            } from '../modules/local/drug_response'
 include { REPORT as REPORT_BATCH   } from '../modules/local/report'
 include { REPORT as REPORT_ALL     } from '../modules/local/report'
 
@@ -103,6 +105,11 @@ workflow SCFM {
         results = ANNOTATE.out.h5ad
     }
 
+    if (params.drug_model) {
+        DRUG_RESPONSE(results, channel.value(file(params.drug_model, checkIfExists: true)), tracking)
+        results = DRUG_RESPONSE.out.h5ad
+    }
+
     // each result with its sample's QC summary: [ meta, h5ad, qc.json ]
     with_qc = results.join(QC.out.summary)
 
@@ -135,6 +142,9 @@ workflow SCFM {
     }
     if (annotating) {
         versions = versions.mix(ANNOTATE.out.versions)
+    }
+    if (params.drug_model) {
+        versions = versions.mix(DRUG_RESPONSE.out.versions)
     }
 
     emit:

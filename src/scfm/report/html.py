@@ -2,7 +2,8 @@
 
 Sections, always present (with a note saying why when a section has nothing to show):
 summary, QC, metrics (scfm vs a PCA baseline on the same cells), UMAPs side by side, Leiden clusters,
-annotation (confusion matrix), training curves (from linked MLflow runs), parameters and versions.
+annotation (confusion matrix), drug sensitivity (``scfm drug score`` columns, see report/drug.py), training
+curves (from linked MLflow runs), parameters and versions.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pandas as pd
 from scfm.errors import ScfmError
 from scfm.report import metrics as M
 from scfm.report import plots
+from scfm.report.drug import drug_section
 
 PCA_KEY = "X_pca_baseline"
 QC_COLOURS = ("total_counts", "n_genes_by_counts", "pct_counts_mt", "pct_counts_ribo", "doublet_score")
@@ -34,6 +36,7 @@ SECTIONS = (
     ("umap", "UMAP: scfm vs PCA"),
     ("leiden", "Leiden clusters"),
     ("annotation", "Annotation"),
+    ("drug", "Drug sensitivity"),
     ("training", "Training curves"),
     ("provenance", "Parameters and versions"),
 )
@@ -554,6 +557,7 @@ def build_report(
         "qc_json": [os.fspath(p) for p in qc_json], "run_ids": list(run_ids), "seed": seed,
     }
     result["versions"] = package_versions()
+    drug_body, result["drug_sensitivity"] = drug_section(adata, coords, group_key=label_key, seed=seed)
     bodies = {
         "summary": summary_section(adata, inputs, embedding_key, label_key, batch_key, n_input_cells),
         "qc": qc_section(adata, qc_summaries, qc_columns),
@@ -561,6 +565,7 @@ def build_report(
         "umap": umap_body,
         "leiden": "\n".join(leiden_parts),
         "annotation": annotation_body,
+        "drug": drug_body,
         "training": training_section(curves),
         "provenance": provenance_section(uns_list, params),
     }
