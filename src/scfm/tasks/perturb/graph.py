@@ -97,7 +97,7 @@ def graph_from_edges(genes: Sequence[str], edges, *, source: str = "edge list", 
         bad = ~(np.isfinite(weights) & (weights > 0))
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise ScfmError(f"edge weights must be positive numbers (row {row + 1}: {frame.iloc[row, 2]!r})", path)
+            raise ScfmError(f"edge weights must be positive numbers (row {row + 1}: {frame.iloc[row, 2]})", path)
     else:
         weights = np.ones(len(frame))
     index = {g: i for i, g in enumerate(genes)}
