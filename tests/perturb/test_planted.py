@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 from click.testing import CliRunner
 
-from conftest import CONTROL, GENES, PLANTED, PROGRAM, synthetic_screen
+from perturb_data import CONTROL, GENES, PLANTED, PROGRAM, synthetic_screen
 from scfm.cli import cli
 
 

@@ -172,9 +172,11 @@ def log_train_run(run, summary: dict, output: Path) -> None:
     losses = json.loads((output / "train_log.json").read_text())["loss"]
     for step, loss in enumerate(losses):
         run.log_metrics({"train_loss": loss}, step=step)
-    for name in ("predictor.json", "evaluation.json", "report.html", "plots"):
+    for name in ("predictor.json", "evaluation.json", "report.html"):
         if (output / name).exists():
             run.log_artifact(output / name)
+    if (output / "plots").is_dir():
+        run.log_artifact(output / "plots", "plots")
 
 
 @perturb_group.command("predict")
