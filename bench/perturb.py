@@ -86,7 +86,9 @@ def load_papalexi(path: Path):
 def dorothea_edges(path: Path, confidence: str = "ABC") -> pd.DataFrame:
     import rdata
 
-    frame = rdata.read_rda(str(path))["dorothea_hs"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rdata reads the tibble as a plain data.frame, and says so
+        frame = rdata.read_rda(str(path))["dorothea_hs"]
     frame = frame[frame["confidence"].astype(str).isin(list(confidence))]
     return pd.DataFrame({"source": frame["tf"].astype(str), "target": frame["target"].astype(str), "weight": 1.0})
 
