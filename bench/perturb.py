@@ -152,14 +152,15 @@ def pretrain(work: Path, prepared: dict, steps: int, seed: int) -> tuple[Path, f
 
 
 def evaluate(work: Path, prepared: dict, features: str, checkpoint, seed: int, *, epochs: int, vocab=None) -> dict:
+    from scfm.tasks.perturb.data import ScreenOptions
     from scfm.tasks.perturb.model import FitSettings
     from scfm.tasks.perturb.run import train_file
 
     out = work / f"perturb_{features}_seed{seed}"
     started = time.perf_counter()
     summary = train_file(
-        [prepared["aligned"]], out, perturbation_key=KEY, control=CONTROL, checkpoint=checkpoint, vocab=vocab,
-        gene_feature_kind=features, gene_graphs=[prepared["prior"]], folds=5, seed=seed, min_cells=20,
+        [prepared["aligned"]], out, ScreenOptions(KEY, CONTROL, min_cells=20), checkpoint=checkpoint, vocab=vocab,
+        gene_feature_kind=features, gene_graphs=[prepared["prior"]], folds=5, seed=seed,
         fit_settings=FitSettings(epochs=epochs), quiet=True, on_warning=lambda m: print(f"  warning: {m}"),
     )
     evaluation = json.loads((out / "evaluation.json").read_text())

@@ -143,3 +143,13 @@ def test_report_takes_the_perturbation_section(trained, tmp_path, pbmc_counts):
                     "--mlflow-uri", f"sqlite:///{tmp_path}/mlflow.db")
     assert result.exit_code == 1 and "no evaluation.json / cv_predictions.h5ad" in last_line(result)
     assert not (tmp_path / "bad.html").exists()
+
+
+def test_bin_executable_predicts_like_the_pipeline(trained, tmp_path, scfm_bin):
+    out = tmp_path / "predicted.h5ad"
+    scfm_bin("perturb", "predict", trained, "-o", out, "--perturbation", "G01", "--perturbation", "G02+G03",
+             "--mlflow-uri", f"sqlite:///{tmp_path}/mlflow.db", "--quiet")
+    import anndata as ad
+
+    predicted = ad.read_h5ad(out)
+    assert list(predicted.obs_names) == ["G01", "G02+G03"] and predicted.obs["targets"].tolist() == ["G01", "G02+G03"]

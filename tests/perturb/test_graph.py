@@ -37,7 +37,7 @@ def test_edge_table_without_weights_and_a_go_style_edge_list():
 
 
 @pytest.mark.parametrize("content, message", [
-    ("a\tb\nA\tB\n", "needs columns source and target"),
+    ("a\tb\nA\tB\n", "the gene graph needs columns source, target; missing"),
     ("source\ttarget\tweight\nA\tB\t-1\n", "weights must be positive numbers (row 1: -1"),
     ("source\ttarget\nX\tY\n", "none of the 1 edges joins two of the predictor's genes"),
 ])

@@ -51,12 +51,13 @@ def test_guides_are_assigned_as_documented(prepared):
 
 @pytest.fixture(scope="module")
 def evaluated(prepared):
+    from scfm.tasks.perturb.data import ScreenOptions
     from scfm.tasks.perturb.model import FitSettings
     from scfm.tasks.perturb.run import train_file
 
     work, info = prepared
     out = work / "predictor"
-    train_file([info["aligned"]], out, perturbation_key=bench.KEY, control=bench.CONTROL, gene_feature_kind="learned",
+    train_file([info["aligned"]], out, ScreenOptions(bench.KEY, bench.CONTROL), gene_feature_kind="learned",
                gene_graphs=[info["prior"]], folds=5, seed=0, fit_settings=FitSettings(epochs=60), quiet=True)
     return work, info, json.loads((out / "evaluation.json").read_text()), ad.read_h5ad(out / "cv_predictions.h5ad")
 

@@ -128,6 +128,7 @@ def train_command(inputs, output, perturbation_key, control, target_key, combo_s
                   precision, folds, epochs, hidden_size, lr, batch_size, replicates, direction_weight, top_k,
                   mlflow_uri, seed, quiet):
     """Train a perturbation predictor on aligned h5ad INPUTS (cross-validated by target gene first)."""
+    from scfm.tasks.perturb.data import ScreenOptions
     from scfm.tasks.perturb.model import FitSettings
     from scfm.tasks.perturb.run import train_file
 
@@ -140,11 +141,11 @@ def train_command(inputs, output, perturbation_key, control, target_key, combo_s
               "replicates": replicates, "top_k": top_k, "seed": seed}
     with tracking.step_run("perturb_train", uri=tracking.resolve_uri(mlflow_uri, output.resolve().parent),
                            params=params) as run:
+        options = ScreenOptions(perturbation_key, control, target_key=target_key, separator=combo_separator,
+                                min_cells=min_cells, min_gene_fraction=min_gene_fraction, max_genes=max_genes,
+                                skip_unknown_targets=skip_unknown_targets)
         summary = train_file(
-            inputs, output, perturbation_key=perturbation_key, control=control, checkpoint=checkpoint, vocab=vocab,
-            version=version, target_key=target_key, separator=combo_separator, min_cells=min_cells,
-            min_gene_fraction=min_gene_fraction, max_genes=max_genes, skip_unknown_targets=skip_unknown_targets,
-            gene_graphs=gene_graphs, coexpression=coexpression, coexpression_threshold=coexpression_threshold,
+            inputs, output, options, checkpoint=checkpoint, vocab=vocab, version=version, gene_graphs=gene_graphs, coexpression=coexpression, coexpression_threshold=coexpression_threshold,
             coexpression_k=coexpression_k, gene_feature_kind=gene_features, control_cells=control_cells,
             embed_batch_size=embed_batch_size, device=device, precision=precision, hidden=hidden_size,
             fit_settings=fit_settings, n_replicates=replicates, folds=folds, top_k=top_k, seed=seed, quiet=quiet,

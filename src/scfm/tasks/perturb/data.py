@@ -1,7 +1,8 @@
 """Perturb-seq cells grouped by perturbation, checked, on the scale the predictor works on.
 
     parse_targets("STAT1+IRF1") -> ("IRF1", "STAT1")
-    load_screen(paths, perturbation_key=..., control=..., vocab=...) -> Screen
+    load_screen(paths, ScreenOptions(perturbation_key=..., control=...), vocab_genes=...) -> Screen
+    read_table(path, required_columns, what) -> DataFrame
 
 A *perturbation* is a group of cells (the unit that is predicted and scored: a target gene, a guide, a
 combination); its *targets* are the genes it perturbs (the unit the predictor embeds). Targets come from
@@ -16,7 +17,7 @@ they are never measured (their observed change is then unknown and not scored).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +29,40 @@ from scfm.errors import ScfmError
 
 CONTROL_PARTS = {"ctrl", "control"}
 COMBO_SEPARATOR = "+"
+
+
+def read_table(path, required: Sequence[str], what: str) -> pd.DataFrame:
+    """A tab- or comma-separated file with a header row holding at least the ``required`` columns (as text)."""
+    path = Path(path)
+    if not path.exists():
+        raise ScfmError(f"{what} not found", path)
+    try:
+        table = pd.read_csv(path, sep=None, engine="python", dtype={c: str for c in required})
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise ScfmError(f"cannot read the {what} ({exc})", path) from exc
+    missing = sorted(set(required) - set(table.columns))
+    if missing:
+        raise ScfmError(f"the {what} needs columns {', '.join(required)}; missing {missing} "
+                        f"(columns: {', '.join(map(str, table.columns))})", path)
+    return table
+
+
+@dataclass(frozen=True)
+class ScreenOptions:
+    """How cells become perturbations (the flags `scfm perturb train` and `predict --input` share)."""
+
+    perturbation_key: str
+    control: str
+    target_key: str | None = None
+    separator: str = COMBO_SEPARATOR
+    unassigned: tuple[str, ...] = ("unassigned",)
+    min_cells: int = 20
+    min_gene_fraction: float = 0.01
+    max_genes: int | None = 5000
+    skip_unknown_targets: bool = False
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "unassigned": list(self.unassigned)}
 
 
 def parse_targets(name: str, separator: str = COMBO_SEPARATOR) -> tuple[str, ...]:
@@ -137,26 +172,16 @@ def select_genes(counts: sp.csr_matrix, normalised: sp.csr_matrix, *, min_fracti
     return keep
 
 
-def load_screen(
-    paths: Sequence[str | Path],
-    *,
-    perturbation_key: str,
-    control: str,
-    vocab_genes: list[str] | None = None,
-    target_key: str | None = None,
-    separator: str = COMBO_SEPARATOR,
-    unassigned: Sequence[str] = ("unassigned",),
-    min_cells: int = 20,
-    min_gene_fraction: float = 0.01,
-    max_genes: int | None = 5000,
-    skip_unknown_targets: bool = False,
-) -> Screen:
+def load_screen(paths: Sequence[str | Path], options: ScreenOptions, *, vocab_genes: list[str] | None = None
+                ) -> Screen:
     """Read aligned h5ads, group cells by ``obs[perturbation_key]`` and check everything a user can get wrong.
 
     Cells whose label is empty or in ``unassigned`` are left out. Perturbations with fewer than
     ``min_cells`` cells are skipped (and listed in ``skipped_small``). A target gene outside the
     vocabulary is an error, or with ``skip_unknown_targets`` its perturbations are skipped and listed.
     """
+    perturbation_key, control, target_key = options.perturbation_key, options.control, options.target_key
+    min_cells, min_gene_fraction = options.min_cells, options.min_gene_fraction
     paths = [Path(p) for p in paths]
     if not paths:
         raise ScfmError("no input h5ad given")
@@ -176,7 +201,7 @@ def load_screen(
                         f"(most common values: {', '.join(map(str, present))})", first)
     counts = sp.vstack(blocks, format="csr")
     totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-    keep_cell = (label != "") & ~np.isin(label, list(unassigned)) & (totals > 0)
+    keep_cell = (label != "") & ~np.isin(label, list(options.unassigned)) & (totals > 0)
     is_control = keep_cell & (label == control)
     perturbed = keep_cell & ~is_control
     if not perturbed.any():
@@ -184,7 +209,7 @@ def load_screen(
 
     names_per_cell = label[perturbed]
     target_values = np.concatenate(target_labels)[perturbed] if target_key is not None else None
-    targets = _targets_of(names_per_cell, target_values, separator, first)
+    targets = _targets_of(names_per_cell, target_values, options.separator, first)
     without = [n for n, t in targets.items() if not t]
     if without:
         raise ScfmError(f"perturbation(s) without a target gene: {', '.join(without[:5])} (only the control "
@@ -192,7 +217,7 @@ def load_screen(
     vocab_set = set(vocab_genes)
     unknown = {n: [g for g in t if g not in vocab_set] for n, t in targets.items()}
     unknown = {n: g for n, g in unknown.items() if g}
-    if unknown and not skip_unknown_targets:
+    if unknown and not options.skip_unknown_targets:
         genes = sorted({g for gs in unknown.values() for g in gs})
         raise ScfmError(f"{len(genes)} perturbed gene(s) are not in the vocabulary, so they have no embedding: "
                         f"{', '.join(genes[:10])}{' …' if len(genes) > 10 else ''} (use a vocabulary that "
@@ -200,7 +225,7 @@ def load_screen(
 
     normalised = log_normalise(counts, totals)
     gene_pos = select_genes(counts[keep_cell], normalised[keep_cell], min_fraction=min_gene_fraction,
-                            max_genes=max_genes)
+                            max_genes=options.max_genes)
     if gene_pos.size == 0:
         raise ScfmError(f"no gene is detected in {min_gene_fraction:.1%} of the cells (lower --min-gene-fraction)",
                         first)

@@ -110,17 +110,10 @@ def graph_from_edges(genes: Sequence[str], edges, *, source: str = "edge list", 
 
 def read_edge_table(path, genes: Sequence[str]) -> GeneGraph:
     """A ``--gene-graph`` file (columns source, target[, weight]) over the predictor's genes."""
+    from scfm.tasks.perturb.data import read_table
+
     path = Path(path)
-    if not path.exists():
-        raise ScfmError("gene graph not found", path)
-    try:
-        frame = pd.read_csv(path, sep=None, engine="python", dtype={"source": str, "target": str})
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise ScfmError(f"cannot read the gene graph ({exc})", path) from exc
-    missing = {"source", "target"} - set(frame.columns)
-    if missing:
-        raise ScfmError(f"a gene graph needs columns source and target (and optionally weight); missing "
-                        f"{sorted(missing)} (columns: {', '.join(map(str, frame.columns))})", path)
+    frame = read_table(path, ("source", "target"), "gene graph")
     columns = ["source", "target"] + (["weight"] if "weight" in frame.columns else [])
     graph = graph_from_edges(genes, frame[columns], source=path.name, path=path)
     if graph.n_edges == 0:

@@ -63,16 +63,9 @@ def assign_guides(counts, guides, *, min_umi: float = 5, min_ratio: float = 2.0)
 
 def read_guide_targets(path) -> dict[str, str]:
     """A TSV/CSV with columns ``guide`` and ``target`` (header row) → {guide: target}."""
-    path = Path(path)
-    try:
-        table = pd.read_csv(path, sep=None, engine="python", dtype=str)
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise ScfmError(f"cannot read the guide → target table ({exc})", path) from exc
-    missing = {"guide", "target"} - set(table.columns)
-    if missing:
-        raise ScfmError(f"the guide → target table needs columns guide and target; missing {sorted(missing)} "
-                        f"(columns: {', '.join(map(str, table.columns))})", path)
-    table = table.dropna(subset=["guide", "target"])
+    from scfm.tasks.perturb.data import read_table
+
+    table = read_table(path, ("guide", "target"), "guide → target table").dropna(subset=["guide", "target"])
     duplicated = table["guide"][table["guide"].duplicated()]
     conflicting = [g for g in duplicated.unique() if table.loc[table["guide"] == g, "target"].nunique() > 1]
     if conflicting:

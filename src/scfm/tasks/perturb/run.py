@@ -1,6 +1,6 @@
 """What ``scfm perturb train`` and ``scfm perturb predict`` run.
 
-    train_file(inputs, output_dir, perturbation_key=..., control=..., checkpoint=..., folds=5, ...) -> summary
+    train_file(inputs, output_dir, ScreenOptions(perturbation_key=..., control=...), checkpoint=..., folds=5) -> summary
     cross_validate(screen, features, graphs, ...) -> evaluation dict + held-out predictions
     predict_file(predictor_dir, output, perturbations=[...] or input=..., ...) -> summary
 
@@ -32,7 +32,7 @@ import pandas as pd
 from scfm.errors import ScfmError, ScfmUsageError
 from scfm.tasks.perturb import evaluate as E
 from scfm.tasks.perturb.baselines import BASELINES, baseline_predictions, gene_profile_embedding
-from scfm.tasks.perturb.data import COMBO_SEPARATOR, Screen, load_screen
+from scfm.tasks.perturb.data import COMBO_SEPARATOR, Screen, ScreenOptions, load_screen
 from scfm.tasks.perturb.features import FEATURE_KINDS, random_gene_features, scfm_gene_features
 from scfm.tasks.perturb.model import FitSettings
 from scfm.tasks.perturb.predictor import Predictor, build_graphs, fit_predictor, targets_of_names
@@ -161,19 +161,11 @@ def evaluation_document(cv: dict, screen: Screen, *, n_folds: int, top_k: int, s
 def train_file(
     inputs: Sequence[str | Path],
     output_dir: str | Path,
+    options: ScreenOptions,
     *,
-    perturbation_key: str,
-    control: str,
     checkpoint: str | Path | None = None,
     vocab: str | Path | None = None,
     version: str = "gene",
-    target_key: str | None = None,
-    separator: str = COMBO_SEPARATOR,
-    unassigned: Sequence[str] = ("unassigned",),
-    min_cells: int = 20,
-    min_gene_fraction: float = 0.01,
-    max_genes: int | None = 5000,
-    skip_unknown_targets: bool = False,
     gene_graphs: Sequence[str | Path] = (),
     coexpression: bool = True,
     coexpression_threshold: float = 0.4,
@@ -216,21 +208,16 @@ def train_file(
         vocab_genes = list(loaded.vocab.genes)
         provenance = {"checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_sha256(checkpoint, version),
                       "vocab_sha256": loaded.vocab.sha256}
-    screen = load_screen(inputs, perturbation_key=perturbation_key, control=control, vocab_genes=vocab_genes,
-                         target_key=target_key, separator=separator, unassigned=unassigned, min_cells=min_cells,
-                         min_gene_fraction=min_gene_fraction, max_genes=max_genes,
-                         skip_unknown_targets=skip_unknown_targets)
+    screen = load_screen(inputs, options, vocab_genes=vocab_genes)
     if on_warning is not None:
-        _warn_skipped(screen, min_cells, on_warning)
+        _warn_skipped(screen, options.min_cells, on_warning)
     if screen.control.shape[0] < 2:
-        raise ScfmError(f"only {screen.control.shape[0]} control cell(s) ('{control}'): a control mean needs more",
-                        inputs[0])
+        raise ScfmError(f"only {screen.control.shape[0]} control cell(s) ('{options.control}'): a control mean "
+                        "needs more", inputs[0])
     graphs = build_graphs(screen, gene_graphs, coexpression=coexpression, threshold=coexpression_threshold,
                           k=coexpression_k)
     settings = {
-        "inputs": [str(p) for p in inputs], "perturbation_key": perturbation_key, "control": control,
-        "target_key": target_key, "separator": separator, "unassigned": list(unassigned), "min_cells": min_cells,
-        "min_gene_fraction": min_gene_fraction, "max_genes": max_genes, "gene_graphs": [str(p) for p in gene_graphs],
+        "inputs": [str(p) for p in inputs], **options.to_dict(), "gene_graphs": [str(p) for p in gene_graphs],
         "coexpression": coexpression, "coexpression_threshold": coexpression_threshold,
         "coexpression_k": coexpression_k, "gene_features": gene_feature_kind, "control_cells": control_cells,
         "hidden": hidden, "fit": fit_settings.to_dict(), "n_replicates": n_replicates, "folds": folds,
@@ -311,8 +298,9 @@ def predict_file(
     if input_path is not None:
         if perturbation_key is None or control is None:
             raise ScfmUsageError("--input needs --perturbation-key and --control")
-        screen = load_screen([input_path], perturbation_key=perturbation_key, control=control, target_key=target_key,
-                             separator=separator, min_cells=min_cells, min_gene_fraction=0.0, max_genes=None)
+        options = ScreenOptions(perturbation_key, control, target_key=target_key, separator=separator,
+                                min_cells=min_cells, min_gene_fraction=0.0, max_genes=None)
+        screen = load_screen([input_path], options)
         if on_warning is not None:
             _warn_skipped(screen, min_cells, on_warning)
         names = screen.names
