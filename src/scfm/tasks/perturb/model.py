@@ -89,6 +89,13 @@ class PerturbNet(nn.Module):
         nn.init.xavier_normal_(self.gene_w1)
         nn.init.xavier_normal_(self.gene_w2)
 
+    def start_from(self, mean_change: np.ndarray) -> None:
+        """Set the output bias to the mean change of the training perturbations: the network starts at the
+        training-mean baseline and learns how each perturbation departs from it (with a handful of training
+        perturbations, a network started at zero spends its capacity rediscovering the shared response)."""
+        with torch.no_grad():
+            self.gene_b2.copy_(torch.as_tensor(mean_change, dtype=torch.float32))
+
     # -------------------------------------------------------------------------------- embeddings
     def _tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.config.feature_dim is None:

@@ -151,6 +151,7 @@ def fit_predictor(screen: Screen, names: Sequence[str], features: np.ndarray | N
     net = PerturbNet(config, G.normalised_adjacency(graphs[0]), G.normalised_adjacency(graphs[1]), features)
     perturbations = [[index[g] for g in screen.targets[n]] for n in names]
     targets = bootstrap_changes(screen, names, n_replicates, seed)
+    net.start_from(targets.mean(axis=(0, 1)))
     losses = fit(net, perturbations, targets, fit_settings, seed=seed, progress=progress)
     predictor = Predictor(net, list(genes), len(screen.genes), screen.control_mean,
                           {n: screen.targets[n] for n in names}, dict(settings or {}), *graphs)
