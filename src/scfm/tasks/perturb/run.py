@@ -328,7 +328,8 @@ def predict_file(
         unseen = {n: v["metrics"] for n, v in per.items() if not v["trained"]}
         evaluation = {"top_k": top_k, "perturbations": per, "summary": E.summarise({n: v["metrics"] for n, v in per.items()}),
                       "summary_untrained": E.summarise(unseen) if unseen else None,
-                      "note": "the control mean of the predictor's training data is the reference of every change"}
+                      "note": "observed change: the input's perturbed cells minus its own control cells; predicted "
+                              "expression: the predictor's control mean plus the predicted change"}
     eval_path = output.with_name(f"{output.stem}.evaluation.json")
     with atomic_output(output) as tmp:
         adata.write_h5ad(tmp)
