@@ -139,13 +139,13 @@ def report(inputs, output, embedding_key, label_key, labels_optional, batch_key,
     # inputs are read and checked first: a bad input fails in seconds and opens no MLflow run
     loaded = load_report_inputs(inputs, embedding_key=embedding_key, label_key=label_key, batch_key=batch_key,
                                 qc_json=qc_json, mlflow_uri=uri, run_ids=run_ids, labels_optional=labels_optional)
+    params = {"inputs": list(inputs), "embedding_key": embedding_key, "label_key": label_key,
+              "labels_optional": labels_optional, "batch_key": batch_key, "run_ids": list(run_ids), "max_cells": max_cells, "seed": seed}
     if perturbation is not None:
         from scfm.report.perturb import load_result
 
         load_result(perturbation)  # checked before any work, like the other inputs
-    params = {"inputs": list(inputs), "embedding_key": embedding_key, "label_key": label_key,
-              "labels_optional": labels_optional, "batch_key": batch_key, "run_ids": list(run_ids), "max_cells": max_cells, "seed": seed,
-              "perturbation": perturbation}
+        params["perturbation"] = perturbation
     with tracking.step_run("report", uri=uri, params=params) as run:
         text, result = build_report(
             loaded, embedding_key=embedding_key, label_key=label_key, batch_key=batch_key, qc_json=qc_json,

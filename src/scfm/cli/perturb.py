@@ -145,7 +145,8 @@ def train_command(inputs, output, perturbation_key, control, target_key, combo_s
                                 min_cells=min_cells, min_gene_fraction=min_gene_fraction, max_genes=max_genes,
                                 skip_unknown_targets=skip_unknown_targets)
         summary = train_file(
-            inputs, output, options, checkpoint=checkpoint, vocab=vocab, version=version, gene_graphs=gene_graphs, coexpression=coexpression, coexpression_threshold=coexpression_threshold,
+            inputs, output, options, checkpoint=checkpoint, vocab=vocab, version=version, gene_graphs=gene_graphs,
+            coexpression=coexpression, coexpression_threshold=coexpression_threshold,
             coexpression_k=coexpression_k, gene_feature_kind=gene_features, control_cells=control_cells,
             embed_batch_size=embed_batch_size, device=device, precision=precision, hidden=hidden_size,
             fit_settings=fit_settings, n_replicates=replicates, folds=folds, top_k=top_k, seed=seed, quiet=quiet,

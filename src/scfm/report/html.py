@@ -575,7 +575,8 @@ def build_report(
         from scfm.report.perturb import load_result, perturbation_section
 
         bodies["perturbation"] = perturbation_section(perturbation)
-        result["perturbation"] = {"predictor": os.fspath(perturbation), "summary": load_result(perturbation)[0]["summary"]}
+        summary = load_result(perturbation)[0]["summary"]
+        result["perturbation"] = {"predictor": os.fspath(perturbation), "summary": summary}
     bar.update()
     bar.close()
     title = title or f"scfm report: {', '.join(Path(p).name for p in inputs)}"

@@ -138,8 +138,8 @@ def _labels(adata, path: Path, key: str, what: str) -> pd.Series:
 def _check_aligned(adata, path: Path, vocab_genes: list[str] | None) -> list[str]:
     genes = list(map(str, adata.var_names))
     if vocab_genes is not None and genes != vocab_genes:
-        raise ScfmError("the genes are not the checkpoint's vocabulary in its order; align the input to it "
-                        "first (scfm align --vocab <checkpoint>/vocab.tsv)", path)
+        raise ScfmError("the genes are not the checkpoint's vocabulary (or the first input's genes) in its order; "
+                        "align every input to it first (scfm align --vocab <checkpoint>/vocab.tsv)", path)
     return genes
 
 

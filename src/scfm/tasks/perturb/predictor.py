@@ -119,8 +119,10 @@ class Predictor:
             state = load_file(str(directory / WEIGHTS_FILE))
             config = NetConfig(**meta["net"])
             genes = [str(g) for g in meta["genes"]]
-            graphs = [G.graph_from_edges(genes, pd.read_csv(directory / name, sep="\t", dtype={"source": str, "target": str}),
-                                         source=name) for name in (GENE_GRAPH_FILE, PERT_GRAPH_FILE)]
+            tables = [pd.read_csv(directory / name, sep="\t", dtype={"source": str, "target": str})
+                      for name in (GENE_GRAPH_FILE, PERT_GRAPH_FILE)]
+            graphs = [G.graph_from_edges(genes, table, source=name)
+                      for table, name in zip(tables, (GENE_GRAPH_FILE, PERT_GRAPH_FILE))]
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
             raise ScfmError(f"cannot read the predictor ({type(exc).__name__}: {exc})", directory) from exc
         features = None

@@ -292,7 +292,8 @@ def predict_file(
     if bool(perturbations) == (input_path is not None):
         raise ScfmUsageError("give either --perturbation NAME (repeatable) or --input with --perturbation-key")
     predictor = Predictor.load(predictor_dir)
-    settings = {"predictor": str(predictor_dir), "top_k": top_k, "gene_features": predictor.settings.get("gene_features"),
+    settings = {"predictor": str(predictor_dir), "top_k": top_k,
+                "gene_features": predictor.settings.get("gene_features"),
                 "trained_perturbations": sorted(predictor.trained)}
     observed = screen = None
     if input_path is not None:
@@ -326,7 +327,8 @@ def predict_file(
                    "metrics": {PREDICTOR: E.change_metrics(change[i], observed[i], top_k)}}
                for i, (n, t) in enumerate(zip(names, target_sets))}
         unseen = {n: v["metrics"] for n, v in per.items() if not v["trained"]}
-        evaluation = {"top_k": top_k, "perturbations": per, "summary": E.summarise({n: v["metrics"] for n, v in per.items()}),
+        evaluation = {"top_k": top_k, "perturbations": per,
+                      "summary": E.summarise({n: v["metrics"] for n, v in per.items()}),
                       "summary_untrained": E.summarise(unseen) if unseen else None,
                       "note": "observed change: the input's perturbed cells minus its own control cells; predicted "
                               "expression: the predictor's control mean plus the predicted change"}
