@@ -193,7 +193,8 @@ def test_pipeline_chain(tmp_path):
             {"h5ads.join(' ')": [f"inputs/{h.name}" for h, _ in members], "name": name,
              "label": (f"--label-key '{params['report_label_key']}' --labels-optional"
                        if params["report_label_key"] else ""),
-             "qc": " ".join(f"--qc-json 'qc/{q.name}'" for _, q in members), "args": ""}, params))
+             "qc": " ".join(f"--qc-json 'qc/{q.name}'" for _, q in members),
+             "perturb": "", "args": ""}, params))  # no PERTURB in this chain (no --perturbation_key)
     report_dirs = run_all(report_tasks)
 
     check_outputs(samples, annotated, classifier, checkpoint, report_dirs, groups)
