@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -306,3 +307,33 @@ def test_a_corrupt_sample_stops_the_run_with_scfms_error_and_publishes_nothing_f
     published = [p for p in outdir.rglob("*") if "broken" in p.name]
     assert not published, published
     assert not os.path.exists(outdir / "reports")
+
+
+def test_perturbation_step_on_a_screen_with_a_planted_effect(tmp_path):
+    """PERTURB on a synthetic Perturb-seq sample (embed mode, a tiny random model over its genes): the step
+    cross-validates by target gene, publishes its predictor, and the all-samples report shows its section."""
+    sys.path.insert(0, str(REPO / "tests" / "perturb"))
+    from perturb_data import CONTROL, GENES, synthetic_screen
+
+    from scfm.data.vocab import Vocabulary
+    from scfm.model.checkpoint import save_checkpoint
+    from scfm.model.config import ModelConfig
+    from scfm.model.xtrimogene import XTrimoGene
+
+    synthetic_screen().write_h5ad(tmp_path / "screen.h5ad")
+    config = ModelConfig.preset("tiny", n_genes=len(GENES))
+    save_checkpoint(tmp_path / "model", XTrimoGene(config, seed=0), config, Vocabulary(GENES))
+    sheet = write_samplesheet(tmp_path / "samples.csv", [("screen", tmp_path / "screen.h5ad", "s1")])
+    # the test profile's QC thresholds and labels are for the PBMC demo: this screen has 40 genes, no labels
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"label_key": None, "report_label_key": None, "min_genes": 5, "min_cells": 1,
+                                  "perturbation_key": "gene", "perturbation_control": CONTROL,
+                                  "perturbation_folds": 2}))
+    outdir = tmp_path / "out"
+    launch = run_pipeline(tmp_path / "launch", outdir, "perturb", "--input", sheet, "--mode", "embed",
+                          "--checkpoint", tmp_path / "model", "-params-file", params).check()
+    assert "PERTURB (1 samples)" in launch.tasks("COMPLETED")
+    evaluation = json.loads((outdir / "perturb" / "evaluation.json").read_text())
+    assert evaluation
+    html = (outdir / "reports" / "all_samples.report.html").read_text()
+    assert 'id="section-perturbation"' in html

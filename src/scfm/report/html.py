@@ -40,6 +40,8 @@ SECTIONS = (
     ("training", "Training curves"),
     ("provenance", "Parameters and versions"),
 )
+# sections shown only when their input is given (`scfm report --perturbation DIR`)
+OPTIONAL_SECTIONS = (("perturbation", "Perturbation response"),)
 VERSIONED_PACKAGES = ("scfm", "torch", "deepspeed", "scanpy", "anndata", "scikit-learn", "numpy", "mlflow")
 TRAINING_STEPS = ("pretrain", "finetune")
 
@@ -417,8 +419,9 @@ def package_versions() -> dict[str, str]:
 
 def render(title: str, subtitle: str, bodies: dict[str, str]) -> str:
     template = Template((Path(__file__).parent / "templates" / "report.html").read_text())
-    nav = "".join(f'<a href="#section-{key}">{_e(name)}</a>' for key, name in SECTIONS)
-    sections = "\n".join(section(key, name, bodies[key]) for key, name in SECTIONS)
+    shown = [*SECTIONS, *[(key, name) for key, name in OPTIONAL_SECTIONS if key in bodies]]
+    nav = "".join(f'<a href="#section-{key}">{_e(name)}</a>' for key, name in shown)
+    sections = "\n".join(section(key, name, bodies[key]) for key, name in shown)
     return template.substitute(title=_e(title), subtitle=_e(subtitle), nav=nav, sections=sections)
 
 
@@ -474,8 +477,11 @@ def build_report(
     title: str | None = None,
     max_cells: int | None = 50_000,
     quiet: bool = False,
+    perturbation=None,
 ) -> tuple[str, dict]:
-    """Compute metrics and figures for loaded inputs; return (HTML text, metrics dict)."""
+    """Compute metrics and figures for loaded inputs; return (HTML text, metrics dict).
+
+    ``perturbation``: a predictor directory of `scfm perturb train --folds K`, shown in its own section."""
     from scfm.utils import progress
 
     inputs, uns_list = loaded.paths, loaded.uns_list
@@ -570,6 +576,12 @@ def build_report(
         "provenance": provenance_section(uns_list, params),
     }
     result["training_runs"] = [name for name, _ in curves]
+    if perturbation is not None:
+        from scfm.report.perturb import load_result, perturbation_section
+
+        bodies["perturbation"] = perturbation_section(perturbation)
+        summary = load_result(perturbation)[0]["summary"]
+        result["perturbation"] = {"predictor": os.fspath(perturbation), "summary": summary}
     bar.update()
     bar.close()
     title = title or f"scfm report: {', '.join(Path(p).name for p in inputs)}"
@@ -589,4 +601,6 @@ def flat_metrics(result: dict) -> dict[str, float]:
     for key, value in result.get("annotation", {}).items():
         if isinstance(value, (int, float)) and value is not None:
             flat[f"annotation.{key}"] = float(value)
+    for method, values in result.get("perturbation", {}).get("summary", {}).items():
+        flat.update({f"perturbation.{method}.{k}": float(v) for k, v in values.items() if v is not None})
     return flat
