@@ -48,9 +48,9 @@ def align_command(input_path, output, vocab_path, aliases, shards_dir, cells_per
         raise ScfmUsageError("give -o OUT.h5ad and/or --shards-dir DIR")
     coverage_json = coverage_json or _default_coverage_json(output, shards_dir)
     inputs = [input_path, vocab_path, aliases]
-    check_outputs(output, coverage_json, inputs=inputs)
     if shards_dir is not None:
         check_output_path(shards_dir, inputs=inputs, directory=True)  # replaced whole
+    check_outputs(output, coverage_json, inputs=inputs)
     seed_everything(seed)
     vocab = Vocabulary.load(vocab_path)
     alias_map = load_aliases(aliases) if aliases else None

@@ -52,24 +52,6 @@ def fraction(*, open_low: bool = False, open_high: bool = False) -> FiniteFloat:
     return FiniteFloat(0, 1, min_open=open_low, max_open=open_high)
 
 
-class TargetDepth(click.ParamType):
-    """``t<log10 depth>``, ``f<fold>`` (> 0) or ``a<added log10>``, with a finite number."""
-
-    name = "DEPTH"
-
-    def convert(self, value, param, ctx):
-        from scfm.errors import ScfmError
-        from scfm.model.inputs import parse_target_depth
-
-        try:
-            kind, number = parse_target_depth(value)
-        except ScfmError as exc:
-            self.fail(exc.message, param, ctx)
-        if not math.isfinite(number) or (kind == "f" and number <= 0):
-            self.fail(f"{value!r}: the number must be finite" + (" and > 0" if kind == "f" else ""), param, ctx)
-        return value
-
-
 def check_outputs(*files, inputs=(), folders=()) -> None:
     """Check every output path of a command before any work (see :func:`scfm.utils.check_output_path`);
     ``folders`` are output folders written into (not replaced), and two outputs may not share a path."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from scfm import tracking
-from scfm.cli.common import TargetDepth, check_outputs, fraction, step_options
+from scfm.cli.common import check_outputs, fraction, step_options
 from scfm.utils import atomic_output, seed_everything
 
 _existing = click.Path(exists=True, dir_okay=False)
@@ -57,7 +57,7 @@ def annotate(input, output, classifier, reference, label_key, k, min_confidence,
               help="Which model of an official .ckpt (ignored for our checkpoint directories).")
 @click.option("--vocab", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Vocabulary TSV (needed for an official .ckpt).")
-@click.option("--target-depth", type=TargetDepth(), default="a1", show_default=True,
+@click.option("--target-depth", default="a1", show_default=True,
               help="t<log10 depth> (t4 = 10k reads), f<fold> (f1 = as sequenced) or a<added log10> (a1 = 10x).")
 @click.option("--layer", default="scfm_enhanced", show_default=True, help="Layer receiving the prediction.")
 @click.option("--evaluate/--no-evaluate", default=True, show_default=True,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from scfm.cli.common import TargetDepth, check_outputs, fraction, step_options
+from scfm.cli.common import check_outputs, fraction, step_options
 
 
 @click.command("embed")
@@ -21,7 +21,7 @@ from scfm.cli.common import TargetDepth, check_outputs, fraction, step_options
               show_default=True, help="Cell embeddings, gene embeddings (.npy only) or predicted expression.")
 @click.option("--pool", type=click.Choice(["all", "max"]), default="all", show_default=True,
               help="Cell pooling: all = S, T, max, mean (4 x d); max = max over tokens (d).")
-@click.option("--target-depth", type=TargetDepth(), default="t4", show_default=True,
+@click.option("--target-depth", default="t4", show_default=True,
               help="T token: t<log10 depth>, f<fold of the cell's depth> or a<log10 added>.")
 @click.option("--pre-normalized", type=click.Choice(["F", "T", "A"]), default="F", show_default=True,
               help="F: raw counts; T: log1p-normalised; A: normalised, raw totals in obs['total_counts'].")
