@@ -133,6 +133,14 @@ def seed_everything(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def close_progress_bars() -> None:
+    """Close bars a failing step left open, so that its error message starts a line of its own."""
+    from tqdm.std import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", quiet: bool = False):
     """A tqdm bar on stderr, silent when stderr is not a terminal or ``quiet`` is set.
 

@@ -17,12 +17,13 @@ from scfm.errors import ScfmError, Terminated
 
 class ScfmGroup(click.Group):
     def invoke(self, ctx):
-        from scfm.utils import sigterm_unwinds
+        from scfm.utils import close_progress_bars, sigterm_unwinds
 
         try:
             with sigterm_unwinds():
                 return super().invoke(ctx)
         except (ScfmError, Terminated) as exc:
+            close_progress_bars()
             click.echo(f"error: {exc.one_line()}", err=True)
             ctx.exit(exc.exit_code)
 
