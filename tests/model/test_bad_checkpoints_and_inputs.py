@@ -276,3 +276,17 @@ def test_a_model_that_outputs_nan_is_never_written_quietly(workdir):
         embed_cells(model, counts, device="cpu")
     with pytest.raises(ScfmError, match="NaN or infinite outputs"):
         predict_expression(model, counts, device="cpu")
+
+
+@pytest.mark.parametrize("command", ["embed", "finetune"])
+def test_a_failing_step_leaves_no_new_folder_with_only_an_mlflow_store(workdir, tmp_path, command, monkeypatch):
+    """The default store (no --mlflow-uri) lives next to the output; it is created once there is something to log."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    bad = _aligned_with(workdir, tmp_path, _set_first(-1.0))
+    new = tmp_path / "new" / "deeper"
+    argv = {"embed": ["embed", bad, "-o", new / "out.h5ad", "--checkpoint", workdir / "ckpt"],
+            "finetune": ["finetune", bad, "-o", new / "classifier", "--checkpoint", workdir / "ckpt",
+                         "--label-key", "bulk_labels"]}[command]
+    result = CliRunner().invoke(cli, [str(a) for a in argv] + ["--quiet"], catch_exceptions=False)
+    assert result.exit_code == 1 and "negative values" in result.output, result.output
+    assert not (tmp_path / "new").exists()

@@ -246,6 +246,10 @@ def _read_aligned(path: Path, vocab):
                         f"{vocab.sha256[:12]}…)", path)
     if adata.n_vars != len(vocab):
         raise ScfmError(f"{adata.n_vars} genes, the checkpoint's vocabulary has {len(vocab)}", path)
+    from scfm.data.io import check_values
+
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    check_values(adata.X.data, path, "X", require_counts=True)  # what scfm align guarantees; a hand-made file may not
     return adata
 
 
