@@ -5,10 +5,8 @@ Pretraining saves a checkpoint instead and exits 75 (tests/train/test_rerun.py).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -56,27 +54,21 @@ def inputs(train_data, tmp_path_factory):
             "vocab": train_data["vocab"], "checkpoint": train_data["checkpoint"]}
 
 
-def terminate_when(argv, ready, out_dir: Path, store: str, timeout: float = 300):
-    """Start ``bin/scfm-<step> ARGV``; send SIGTERM as soon as ``ready()``; return (exit code, stderr)."""
-    log = out_dir / "stderr.txt"
-    with open(log, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, str(BIN / f"scfm-{argv[0]}"), *map(str, argv[1:]),
-                                 "--mlflow-uri", store], stdout=subprocess.DEVNULL, stderr=stderr,
-                                env={**os.environ, "SCFM_PROGRESS": "1"})
-    try:
-        deadline = time.time() + timeout
-        while not ready():
-            assert proc.poll() is None, f"finished before it could be stopped:\n{log.read_text()[-3000:]}"
-            assert time.time() < deadline, "never got going"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = log.read_text()
-    log.unlink()
-    return proc.returncode, text
+@pytest.fixture
+def terminate_when(stop_when_ready, tmp_path):
+    def start_and_stop(argv, ready, store: str):
+        """Start ``bin/scfm-<step> ARGV``; SIGTERM as soon as ``ready()``; return (exit code, stderr)."""
+        log = tmp_path / "stderr.txt"
+        with open(log, "w") as stderr:
+            proc = subprocess.Popen([sys.executable, str(BIN / f"scfm-{argv[0]}"), *map(str, argv[1:]),
+                                     "--mlflow-uri", store], stdout=subprocess.DEVNULL, stderr=stderr,
+                                    env={**os.environ, "SCFM_PROGRESS": "1"})
+        code = stop_when_ready(proc, ready, timeout=300, what=lambda: log.read_text()[-3000:])
+        text = log.read_text()
+        log.unlink()
+        return code, text
+
+    return start_and_stop
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -94,27 +86,27 @@ def assert_stopped_cleanly(code, stderr, out_dir):
     assert leftovers(out_dir) == []
 
 
-def test_qc(inputs, tmp_path):
+def test_qc(inputs, tmp_path, terminate_when):
     out = tmp_path / "out"
     out.mkdir()
     code, stderr = terminate_when(["qc", inputs["raw"], "-o", out / "s.qc.h5ad", "--min-genes", 5,
                                    "--chunk-size", 20, "--plots-dir", out / "plots"],
-                                  lambda: hidden_tmp(out), tmp_path, inputs["store"])
+                                  lambda: hidden_tmp(out), inputs["store"])
     assert_stopped_cleanly(code, stderr, out)
 
 
-def test_align_with_shards(inputs, tmp_path):
+def test_align_with_shards(inputs, tmp_path, terminate_when):
     out = tmp_path / "out"
     out.mkdir()
     code, stderr = terminate_when(["align", inputs["raw"], "-o", out / "s.aligned.h5ad", "--shards-dir",
                                    out / "s.shards", "--vocab", inputs["vocab"], "--chunk-size", 20,
                                    "--cells-per-shard", 500],
                                   lambda: any(p.name.startswith(".s.shards.") for p in out.iterdir()),
-                                  tmp_path, inputs["store"])
+                                  inputs["store"])
     assert_stopped_cleanly(code, stderr, out)
 
 
-def test_embed_with_its_scratch_folder(inputs, tmp_path):
+def test_embed_with_its_scratch_folder(inputs, tmp_path, terminate_when):
     out = tmp_path / "out"
     out.mkdir()
 
@@ -124,7 +116,8 @@ def test_embed_with_its_scratch_folder(inputs, tmp_path):
             p.name.startswith(".s.npy.") for p in out.iterdir())
 
     code, stderr = terminate_when(["embed", inputs["raw"], "-o", out / "s.npy", "--checkpoint",
-                                   inputs["checkpoint"], "--batch-size", 1], embedding, tmp_path, inputs["store"])
+                                   inputs["checkpoint"], "--batch-size", 1],
+                                  embedding, inputs["store"])
     assert_stopped_cleanly(code, stderr, out)
 
     from mlflow.tracking import MlflowClient
@@ -135,30 +128,30 @@ def test_embed_with_its_scratch_folder(inputs, tmp_path):
     assert [r.info.status for r in runs] == ["KILLED"]  # stopped from outside, not failed
 
 
-def test_enhance(inputs, tmp_path):
+def test_enhance(inputs, tmp_path, terminate_when):
     out = tmp_path / "out"
     out.mkdir()
     code, stderr = terminate_when(["enhance", inputs["aligned"], "-o", out / "s.enhanced.h5ad", "--checkpoint",
                                    inputs["checkpoint"], "--no-evaluate", "--batch-size", 1],
-                                  lambda: hidden_tmp(out), tmp_path, inputs["store"])
+                                  lambda: hidden_tmp(out), inputs["store"])
     assert_stopped_cleanly(code, stderr, out)
 
 
-def test_finetune(inputs, tmp_path):
+def test_finetune(inputs, tmp_path, terminate_when):
     out = tmp_path / "out"
     out.mkdir()
     log = tmp_path / "stderr.txt"
     code, stderr = terminate_when(["finetune", inputs["cells"], "-o", out / "classifier", "--checkpoint",
                                    inputs["checkpoint"], "--label-key", "bulk_labels", "--epochs", 1000,
                                    "--patience", 1000],
-                                  lambda: "finetune:" in log.read_text(), tmp_path, inputs["store"])
+                                  lambda: "finetune:" in log.read_text(), inputs["store"])
     assert_stopped_cleanly(code, stderr, out)
 
 
-def test_report(inputs, tmp_path):
+def test_report(inputs, tmp_path, terminate_when):
     out = tmp_path / "out"
     out.mkdir()
     log = tmp_path / "stderr.txt"
     code, stderr = terminate_when(["report", inputs["embedded"], "-o", out / "report.html"],
-                                  lambda: "report:" in log.read_text(), tmp_path, inputs["store"])
+                                  lambda: "report:" in log.read_text(), inputs["store"])
     assert_stopped_cleanly(code, stderr, out)

@@ -97,14 +97,17 @@ def test_the_loads_deepspeed_makes_are_weights_only_even_past_the_scan(two_step_
 @pytest.mark.parametrize("stage", [1, 3])
 def test_honest_checkpoints_resume_exactly(train_data, tmp_path, stage):
     """ZeRO-2 is covered by tests/train/test_rerun.py and test_pretrain_zero.py."""
-    full, part = tmp_path / "full", tmp_path / "part"
-    scfm_step(*_args(train_data, full, stage, 4))
-    scfm_step(*_args(train_data, part, stage, 2))
+    full = tmp_path / "full"
+    scfm_step(*_args(train_data, full, stage, 4), "--keep-checkpoints", 4)
+    # the same run as if it had stopped after step 2: later checkpoints and the final model never written
+    part = shutil.copytree(full, tmp_path / "part")
+    for later in ("checkpoints/step_000003", "checkpoints/step_000004", "model"):
+        shutil.rmtree(part / later)
     scfm_step(*_args(train_data, part, stage, 4))  # resumes from step 2, loading every file weights-only
     a, b = np.array(_losses(full)), np.array(_losses(part))
     assert len(a) == len(b) == 4 and np.all(np.abs(a - b) <= 1e-6 * np.abs(a)), (a, b)
     from safetensors.torch import load_file
 
-    first, second = load_file(str(full / "model" / "model.safetensors")), load_file(str(part / "model" / "model.safetensors"))
+    first, second = (load_file(str(run / "model" / "model.safetensors")) for run in (full, part))
     for key in first:
         torch.testing.assert_close(first[key], second[key], rtol=1e-6, atol=1e-7)
