@@ -337,12 +337,10 @@ def _check_value_block(values: np.ndarray, path: Path, source: str) -> bool:
     return bool(np.all(values == np.rint(values)))
 
 
-def check_values(values: np.ndarray, path, source: str = "X", *, require_counts: bool = False) -> bool:
-    """Raise on negative, NaN or infinite values (and, with ``require_counts``, on non-integers);
-    return whether all values are integers. The check every reader runs on every block it reads."""
-    is_counts = _check_value_block(np.asarray(values), Path(path), source)
-    _require_counts(is_counts, source, Path(path), require_counts)
-    return is_counts
+def check_values(values: np.ndarray, path, source: str = "X") -> bool:
+    """Raise on negative, NaN or infinite values; return whether all values are integers (counts).
+    The check every reader runs on every block it reads."""
+    return _check_value_block(np.asarray(values), Path(path), source)
 
 
 def _require_counts(is_counts: bool, source: str, path: Path, required: bool) -> None:

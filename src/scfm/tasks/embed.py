@@ -225,6 +225,12 @@ def gene_embeddings(model, counts, *, target_depth: str = "t4", totals=None, pre
 
 
 # -------------------------------------------------------------------------------- .h5ad streaming
+class NotCountsError(ScfmError):
+    def __init__(self, path):
+        super().__init__("X has non-integer values where raw counts are required (log-normalised data? give the raw "
+                         "counts, or --pre-normalized T for log1p-normalised values)", path)
+
+
 class H5adRows:
     """Row blocks of an ``.h5ad`` matrix (CSR group or dense dataset) read from disk on demand.
 
@@ -261,8 +267,10 @@ class H5adRows:
         if self.check is not None:
             from scfm.data.io import check_values
 
-            check_values(block.data, self.path, "X", require_counts=self.check == "counts")
+            if not check_values(block.data, self.path, "X") and self.check == "counts":
+                raise NotCountsError(self.path)
         return block
+
 
 
 def _is_aligned(path: Path, vocab) -> bool:
@@ -287,8 +295,7 @@ def check_aligned_input(path: Path, pre_normalized: str) -> None:
 
     info = inspect_h5ad(path, layer="X")  # the first 16M values; zero cells or genes are refused here
     if pre_normalized == "F" and not info.is_counts:
-        raise ScfmError("X has non-integer values where raw counts are required (log-normalised data? give the raw "
-                        "counts, or --pre-normalized T for log1p-normalised values)", path)
+        raise NotCountsError(path)
 
 
 def _array_attrs(dataset) -> None:

@@ -114,7 +114,9 @@ def read_aligned(input_path, vocab):
     if adata.n_obs == 0:
         raise ScfmError("input has zero cells", input_path)
     counts = sp.csr_matrix(adata.X, dtype=np.float32)
-    check_values(counts.data, input_path, "X", require_counts=True)  # before alignment sums genes together
+    if not check_values(counts.data, input_path, "X"):  # before alignment sums genes together
+        raise ScfmError("X does not hold raw counts (enhancement needs integer counts, e.g. an aligned h5ad)",
+                        input_path)
     if list(map(str, adata.var_names)) != vocab.genes:
         try:
             adata, _ = align_adata(adata, vocab, min_coverage=0.3)

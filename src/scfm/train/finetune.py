@@ -249,7 +249,8 @@ def _read_aligned(path: Path, vocab):
     from scfm.data.io import check_values
 
     adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
-    check_values(adata.X.data, path, "X", require_counts=True)  # what scfm align guarantees; a hand-made file may not
+    if not check_values(adata.X.data, path, "X"):  # what scfm align guarantees; a hand-made file may not
+        raise ScfmError("X does not hold raw counts (an aligned h5ad from `scfm align` does)", path)
     return adata
 
 
