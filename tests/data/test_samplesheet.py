@@ -117,7 +117,8 @@ def test_demo_assets_script_is_deterministic(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("sample,path,bacth\nA,data/a.h5ad,run1\n", "unknown column(s) 'bacth' (allowed: sample, path, batch, condition)"),
+        ("sample,path,bacth\nA,data/a.h5ad,run1\n",
+         "unknown column(s) 'bacth' (allowed: sample, path, batch, condition)"),
         ("sample,path,batch\nA,data/a.h5ad,run/1\n", "row 1 (sample 'A'), column 'batch': batch must use only letters"),
         ("sample,path,batch\nA,data/a.h5ad,.hidden\n", "column 'batch'"),
         ("sample,path\n../A,data/a.h5ad\n", "column 'sample': sample id must be given"),

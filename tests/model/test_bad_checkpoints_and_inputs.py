@@ -175,7 +175,8 @@ def test_a_malicious_official_file_is_refused_in_one_line_without_advice_to_load
     torch.save(data, ckpt)
     for command in ("embed", "enhance", "finetune", "convert"):
         out = tmp_path / ("out" if command in ("finetune", "convert") else "out.h5ad")
-        argv = {"embed": ["embed", workdir / "raw.h5ad", "-o", out, "--checkpoint", ckpt, "--vocab", workdir / "vocab.tsv"],
+        argv = {"embed": ["embed", workdir / "raw.h5ad", "-o", out, "--checkpoint", ckpt, "--vocab",
+                          workdir / "vocab.tsv"],
                 "enhance": ["enhance", workdir / "raw.h5ad", "-o", out, "--checkpoint", ckpt, "--version", "ce",
                             "--vocab", workdir / "vocab.tsv"],
                 "finetune": ["finetune", workdir / "aligned.h5ad", "-o", out, "--checkpoint", ckpt, "--vocab",

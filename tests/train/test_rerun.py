@@ -50,7 +50,8 @@ def preempted(train_data, tmp_path_factory, stop_when_ready):
     log = out.parent / "stderr.txt"
     proc = start_step(*_args(train_data, out, "--save-every", "100"), stderr_path=log, env={"SCFM_PROGRESS": "1"})
     # the progress bar says some steps are done
-    stop_when_ready(proc, lambda: re.search(rf"\| [2-9]/{STEPS} ", log.read_text()), what=lambda: log.read_text()[-4000:])
+    stop_when_ready(proc, lambda: re.search(rf"\| [2-9]/{STEPS} ", log.read_text()),
+                    what=lambda: log.read_text()[-4000:])
     stderr = log.read_text()
     assert proc.returncode == PREEMPTED_EXIT, stderr[-4000:]
     (line,) = [x for x in stderr.splitlines() if x.startswith("error: ")]

@@ -21,9 +21,12 @@ from scfm.cli.common import fraction, non_negative, positive, step_options
 @click.option("--zero-stage", type=click.IntRange(1, 3), default=2, show_default=True)
 @click.option("--deepspeed-config", type=click.Path(), default=None,
               help="DeepSpeed JSON config (default: the packaged zero<stage>.json).")
-@click.option("--micro-batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Cells per rank per micro-step.")
-@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-steps per optimizer step.")
-@click.option("--max-steps", type=click.IntRange(min=1), default=100, show_default=True, help="Optimizer steps to train to.")
+@click.option("--micro-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Cells per rank per micro-step.")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Micro-steps per optimizer step.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Optimizer steps to train to.")
 @click.option("--lr-decay-steps", type=click.IntRange(min=1), default=None,
               help="Cosine horizon in steps (default: --max-steps). Set it to stop early and resume later.")
 @click.option("--lr", type=positive(), default=1e-4, show_default=True)
@@ -31,7 +34,8 @@ from scfm.cli.common import fraction, non_negative, positive, step_options
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=10, show_default=True)
 @click.option("--weight-decay", type=non_negative(), default=0.01, show_default=True)
 @click.option("--gradient-clipping", type=non_negative(), default=1.0, show_default=True)
-@click.option("--save-every", type=click.IntRange(min=1), default=1000, show_default=True, help="Checkpoint every N steps.")
+@click.option("--save-every", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Checkpoint every N steps.")
 @click.option("--keep-checkpoints", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--resume", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               is_flag=False, flag_value="always",
@@ -40,13 +44,15 @@ from scfm.cli.common import fraction, non_negative, positive, step_options
 @click.option("--overwrite", is_flag=True,
               help="Start over: delete OUTPUT's checkpoints of an earlier run (with --resume never or auto).")
 @click.option("--shuffle-buffer", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--mask-ratio", type=fraction(open_low=True), default=0.3, show_default=True, help="Share of nonzero genes masked.")
+@click.option("--mask-ratio", type=fraction(open_low=True), default=0.3, show_default=True,
+              help="Share of nonzero genes masked.")
 @click.option("--zero-mask-ratio", type=fraction(), default=0.03, show_default=True, help="Share of zero genes masked.")
 @click.option("--mask-token-prob", type=fraction(), default=0.8, show_default=True)
 @click.option("--random-token-prob", type=fraction(), default=0.1, show_default=True)
 @click.option("--downsample-prob", type=fraction(), default=0.5, show_default=True,
               help="Chance a cell is binomially thinned.")
-@click.option("--downsample-range", type=(fraction(open_low=True), fraction(open_low=True)), default=(0.1, 0.9), show_default=True,
+@click.option("--downsample-range", type=(fraction(open_low=True), fraction(open_low=True)), default=(0.1, 0.9),
+              show_default=True,
               help="Fraction of counts kept when thinned (low high).")
 @step_options
 def pretrain_command(shards, out_dir, mask_ratio, zero_mask_ratio, mask_token_prob, random_token_prob,
@@ -103,7 +109,8 @@ def pretrain_command(shards, out_dir, mask_ratio, zero_mask_ratio, mask_token_pr
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--lr", type=positive(), default=1e-3, show_default=True)
-@click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True, help="Epochs without val macro-F1 gain.")
+@click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Epochs without val macro-F1 gain.")
 @click.option("--test-size", type=fraction(open_low=True, open_high=True), default=0.2, show_default=True)
 @click.option("--val-size", type=fraction(open_low=True, open_high=True), default=0.1, show_default=True)
 @click.option("--pool", type=click.Choice(["all", "max"]), default="all", show_default=True)

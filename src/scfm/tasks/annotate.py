@@ -201,13 +201,15 @@ def check_classifier_weights(adata, classifier_dir, classifier_config: dict, inp
     accepted = accepted_checkpoint_sha256s(classifier_dir, classifier_config)
     embedded_with = str(settings.get("checkpoint_sha256"))
     if embedded_with not in accepted:
+        theirs = " or ".join(sorted(f"{sha[:12]}…" for sha in accepted))
         raise ScfmError(f"was embedded with other weights than the classifier was trained on (checkpoint_sha256 "
-                        f"{embedded_with[:12]}…, the classifier's {' or '.join(sorted(a[:12] + '…' for a in accepted))}); "
-                        f"embed it with --checkpoint {classifier_dir}", input_path)
+                        f"{embedded_with[:12]}…, the classifier's {theirs}); embed it with --checkpoint "
+                        f"{classifier_dir}", input_path)
     vocab_sha = json.loads((Path(classifier_dir) / CONFIG_FILE).read_text()).get("vocab_sha256")
-    if vocab_sha is not None and str(settings.get("vocab_sha256")) != vocab_sha:
+    embedded_vocab = str(settings.get("vocab_sha256"))
+    if vocab_sha is not None and embedded_vocab != vocab_sha:
         raise ScfmError(f"was embedded with another vocabulary than the classifier's (vocab_sha256 "
-                        f"{str(settings.get('vocab_sha256'))[:12]}…, the classifier's {vocab_sha[:12]}…)", input_path)
+                        f"{embedded_vocab[:12]}…, the classifier's {vocab_sha[:12]}…)", input_path)
 
 
 def write_annotation(adata, annotation: Annotation, *, embedding_key: str) -> None:
