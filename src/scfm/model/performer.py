@@ -53,18 +53,22 @@ def redraw_generator(seed: int, draw: int) -> torch.Generator:
 
 
 def softmax_random_features(x: torch.Tensor, projection: torch.Tensor, *, is_query: bool) -> torch.Tensor:
-    """x (B, h, n, d) -> positive features (B, h, n, m) whose dot products approximate exp(q.k / sqrt(d))."""
-    dim = x.shape[-1]
+    """x (B, h, n, d) -> positive features (B, h, n, m) whose dot products approximate exp(q.k / sqrt(d)).
+
+    ``m^-1/2 (exp(W x' - |x'|^2 / 2 - max) + eps)``, written as one exp of the full exponent plus a
+    constant: the (B, h, n, m) features are the decoder's largest tensors, so each pass over them counts.
+    """
+    dim, n_features = x.shape[-1], projection.shape[0]
     scale = dim**-0.25
-    projected = torch.einsum("bhnd,md->bhnm", x * scale, projection.to(x.dtype))
-    half_sq_norm = (x * x).sum(-1, keepdim=True) * (scale * scale) / 2
+    projected = torch.einsum("bhnd,md->bhnm", x, (projection * scale).to(x.dtype))
+    half_sq_norm = (x * x).sum(-1, keepdim=True) * (scale * scale / 2)
     # subtracting a maximum keeps exp() finite; it cancels in the normalisation up to FEATURE_EPS
     if is_query:
         stabiliser = projected.detach().amax(dim=-1, keepdim=True)
     else:
         stabiliser = projected.detach().amax(dim=(1, 2, 3), keepdim=True)  # per cell
-    n_features = projection.shape[0]
-    return n_features**-0.5 * (torch.exp(projected - half_sq_norm - stabiliser) + FEATURE_EPS)
+    log_ratio = -0.5 * math.log(n_features)
+    return torch.exp(projected - (half_sq_norm + stabiliser - log_ratio)) + n_features**-0.5 * FEATURE_EPS
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
