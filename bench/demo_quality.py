@@ -46,6 +46,8 @@ CONFIGS: dict[str, dict] = {
     "random init (0 steps)": {"steps": 0},
     "demo now: tiny 800x16 lr2e-3": {"steps": 800, "mb": 16, "lr": 2e-3},
     "tiny 800x16 lr5e-4": {"steps": 800, "mb": 16, "lr": 5e-4},
+    "thinning from 200 counts, tiny 800x16 lr5e-4": {"steps": 800, "mb": 16, "lr": 5e-4,
+                                                      "flags": ["--downsample-min-total", "200"]},
     "tiny 800x16 lr2e-3 dropout 0": {"steps": 800, "mb": 16, "lr": 2e-3, "flags": ["--encoder-dropout", "0"]},
     "tiny 800x16 lr2e-3 old optimiser/init": {
         "steps": 800, "mb": 16, "lr": 2e-3, "init": "small-normal",
