@@ -109,11 +109,25 @@ def sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
         raise Terminated()
 
+    def raise_again_if_swallowed(unraisable):
+        # A signal handler runs in whatever Python code is executing, also in a weakref callback or a
+        # __del__, where Python prints the exception and carries on: the step would then run to its end
+        # deaf to SIGTERM. Raise it again shortly, from wherever the main thread is by then.
+        if isinstance(unraisable.exc_value, Terminated):
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+        else:
+            previous_hook(unraisable)
+
     previous = signal.signal(signal.SIGTERM, unwind)
+    previous_alarm = signal.signal(signal.SIGALRM, unwind)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, raise_again_if_swallowed
     try:
         yield
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGALRM, previous_alarm)
+        sys.unraisablehook = previous_hook
 
 
 def _remove(path: Path) -> None:

@@ -108,3 +108,28 @@ def test_sigterm_unwinds_through_atomic_outputs(tmp_path):
             signal.pause()  # never reached: the handler raises at the next bytecode
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_sigterm_swallowed_in_a_finaliser_is_raised_again():
+    """A SIGTERM whose handler ran inside a __del__ (Python ignores exceptions there) must still stop the step."""
+    import gc
+    import os
+    import signal
+    import time
+
+    from scfm.errors import Terminated
+    from scfm.utils import sigterm_unwinds
+
+    class SignalsWhenCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(1000))  # the handler runs here, inside the finaliser
+
+    with pytest.raises(Terminated):
+        with sigterm_unwinds():
+            SignalsWhenCollected()
+            gc.collect()
+            deadline = time.time() + 10
+            while time.time() < deadline:
+                sum(range(1000))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
