@@ -9,7 +9,10 @@
  *                  checkpoint; with --label_key also fine-tune a classifier from it and annotate
  *
  * Annotation runs when a classifier is given (--classifier) or produced (FINETUNE), or with a
- * reference (--reference + --label_key). Reports: one per batch and one for all samples.
+ * reference (--reference + --label_key). With --drug_model (from `scfm drug adapt`), DRUG_RESPONSE scores
+ * every cell for --drugs (default: all of the model's). Reports: one per batch and one for all samples.
+ * --perturbation_key adds PERTURB (perturbation response on the aligned samples, with the base
+ * checkpoint's gene context embeddings); the all-samples report shows its section.
  */
 
 include { MLFLOW_INIT              } from '../modules/local/mlflow_init'
@@ -21,6 +24,8 @@ include { PRETRAIN                 } from '../modules/local/pretrain'
 include { FINETUNE                 } from '../modules/local/finetune'
 include { EMBED                    } from '../modules/local/embed'
 include { ANNOTATE                 } from '../modules/local/annotate'
+include { DRUG_RESPONSE            } from '../modules/local/drug_response'
+include { PERTURB                  } from '../modules/local/perturb'
 include { REPORT as REPORT_BATCH   } from '../modules/local/report'
 include { REPORT as REPORT_ALL     } from '../modules/local/report'
 
@@ -103,6 +108,21 @@ workflow SCFM {
         results = ANNOTATE.out.h5ad
     }
 
+    if (params.drug_model) {
+        DRUG_RESPONSE(results, channel.value(file(params.drug_model, checkIfExists: true)), tracking)
+        results = DRUG_RESPONSE.out.h5ad
+    }
+
+    if (params.perturbation_key) {
+        def graph = params.perturbation_gene_graph ? file(params.perturbation_gene_graph, checkIfExists: true) : []
+        aligned = ALIGN.out.h5ad.map { _meta, h5ad -> h5ad }.collect(sort: true)
+        PERTURB(aligned, base_checkpoint, vocab, graph, tracking)
+        perturbation = PERTURB.out.predictor
+    }
+    else {
+        perturbation = channel.value([])
+    }
+
     // each result with its sample's QC summary: [ meta, h5ad, qc.json ]
     with_qc = results.join(QC.out.summary)
 
@@ -110,13 +130,13 @@ workflow SCFM {
         .map { meta, h5ad, summary -> [meta.batch, h5ad, summary] }
         .groupTuple(sort: true)
         .map { batch, h5ads, summaries -> ["batch_${batch}", h5ads, summaries] }
-    REPORT_BATCH(per_batch, tracking)
+    REPORT_BATCH(per_batch, [], tracking)
 
     all_samples = with_qc
         .map { _meta, h5ad, summary -> [h5ad, summary] }
         .toList()
         .map { pairs -> ['all_samples', pairs.collect { pair -> pair[0] }.sort(), pairs.collect { pair -> pair[1] }.sort()] }
-    REPORT_ALL(all_samples, tracking)
+    REPORT_ALL(all_samples, perturbation, tracking)
 
     // the parent run ends once every report is written
     MLFLOW_FINISH(tracking, REPORT_BATCH.out.html.mix(REPORT_ALL.out.html).map { _name, html -> html }.collect())
@@ -136,9 +156,16 @@ workflow SCFM {
     if (annotating) {
         versions = versions.mix(ANNOTATE.out.versions)
     }
+    if (params.drug_model) {
+        versions = versions.mix(DRUG_RESPONSE.out.versions)
+    }
+    if (params.perturbation_key) {
+        versions = versions.mix(PERTURB.out.versions)
+    }
 
     emit:
     h5ad     = results
     reports  = REPORT_BATCH.out.html.mix(REPORT_ALL.out.html)
+    perturb  = perturbation
     versions = versions
 }

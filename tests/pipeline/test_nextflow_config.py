@@ -116,6 +116,11 @@ def test_outdir_is_required(tmp_path):
     assert "--outdir: given without a value" in empty.output
 
 
+def test_multi_node_pretraining_is_refused_with_docker_or_podman(tmp_path):
+    line = _refused(tmp_path, "--pretrain_nodes", "2", "--pretrain_gpus", "2", profile="test,podman")
+    assert "--pretrain_nodes 2 runs each rank with srun" in line and "use -profile apptainer or singularity" in line
+
+
 def test_several_problems_are_listed_on_one_line(tmp_path):
     line = _refused(tmp_path, "--seed", "x", "--pool", "min")
     assert "2 problems:" in line and "--seed" in line and "--pool" in line

@@ -5,7 +5,8 @@ One pretraining run (the test profile) feeds the others with its model, classifi
     the retry continues the checkpoint to the losses of an uninterrupted run; `-resume` then runs nothing;
   - embed mode with a classifier directory, then a new batch: only the new sample's tasks and the
     reports run, also with a new --outdir and so a new MLflow store;
-  - finetune and embed modes from an official-format `.ckpt` + `--vocab`, one against an MLflow server;
+  - finetune and embed modes from an official-format `.ckpt` + `--vocab`, one against an MLflow server, the
+    other with the optional DRUG_RESPONSE step;
   - a corrupt sample: the run stops with scfm's one-line error and publishes nothing for it.
 """
 
@@ -16,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -164,6 +166,29 @@ def test_resume_after_a_finished_run_executes_nothing(pretrained):
     assert len(again.tasks("CACHED")) == len(pretrained["launch"].tasks("COMPLETED"))
 
 
+def test_multi_node_pretraining_starts_each_rank_in_the_image_from_the_host(pretrained):
+    """Slurm + Apptainer with --pretrain_nodes 2: the PRETRAIN script runs outside the container (the image
+    has no Slurm client) and srun starts every rank with `apptainer exec`. There is no Slurm here, so the
+    resumed run (everything before PRETRAIN cached) stops when the script calls srun; the script is read."""
+    tmp = pretrained["tmp"]
+    local = tmp / "local.config"
+    local.write_text("process.executor = 'local'\nprocess.container = null\n")
+    launch = run_pipeline(tmp / "launch", pretrained["outdir"], "multinode", "-c", local,
+                          "--pretrain_nodes", 2, "--pretrain_gpus", 2, "--max_steps", STEPS,
+                          "--save_every", SAVE_EVERY, profile="test,slurm,apptainer", resume=True)
+    assert launch.returncode != 0
+    assert launch.executed() == ["PRETRAIN (2 shard dirs)"], launch.executed()
+    [row] = [r for r in launch.trace if r["process"].endswith(":PRETRAIN")]
+    task = Path(row["workdir"])
+    script = (task / ".command.sh").read_text()
+    assert "srun --kill-on-bad-exit=1 apptainer exec --nv" in script
+    for folder in (pretrained["outdir"] / "mlflow", pretrained["outdir"] / "pretrain" / "runs"):
+        assert f"-B '{folder}'" in script
+    assert "'scfm:0.1.0' scfm-pretrain" in script
+    assert "apptainer" not in (task / ".command.run").read_text()  # the task itself runs on the host
+    assert row["exit"] == "127"  # srun: command not found
+
+
 def test_a_new_batch_runs_only_its_own_tasks_and_the_reports(pretrained, tmp_path):
     classifier = pretrained["outdir"] / "finetune" / "classifier"
     sheet = write_samplesheet(tmp_path / "samples.csv", [("pbmc_a", DEMO / "pbmc_a", "b1"),
@@ -215,15 +240,56 @@ def test_finetune_mode_from_an_official_checkpoint_logging_to_a_server(official_
     assert "finetune" in steps_of(children)
 
 
-def test_embed_mode_with_an_official_checkpoint_and_a_vocabulary(official_ckpt, tmp_path):
+def drug_sensitivity_model(ckpt: Path, vocab: Path, cells: Path, tmp: Path) -> Path:
+    """A `scfm drug adapt` model in the embedding space of ``ckpt``: pseudo-bulk lines made of random groups
+    of the demo cells (embedded as bulk), a made-up ln IC50 for two drugs, the demo cells as the target."""
+    import anndata
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    adata = anndata.read_h5ad(cells)
+    groups = [rng.choice(adata.n_obs, size=20, replace=False) for _ in range(40)]
+    counts = np.vstack([np.asarray(adata.X[g].sum(axis=0)).ravel() for g in groups]).astype(np.float32)
+    lines = anndata.AnnData(counts, obs=pd.DataFrame(index=[f"LINE{i}" for i in range(len(groups))]),
+                            var=adata.var[[]].copy())
+    lines.uns["scfm"] = adata.uns["scfm"]
+    lines.write_h5ad(tmp / "lines.h5ad")
+    env = task_environment({"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"})
+    embed = [str(REPO / "bin" / "scfm-embed"), "--checkpoint", str(ckpt), "--vocab", str(vocab), "--precision",
+             "fp32", "--quiet"]
+    subprocess.run([*embed, str(tmp / "lines.h5ad"), "-o", str(tmp / "lines.embedded.h5ad"), "--input-type",
+                    "bulk"], env=env, check=True)
+    subprocess.run([*embed, str(cells), "-o", str(tmp / "cells.embedded.h5ad")], env=env, check=True)
+    score = counts[:, :50].sum(axis=1) / counts.sum(axis=1)
+    response = pd.DataFrame({"cell_line": np.repeat(lines.obs_names, 2), "drug": ["drugA", "drugB"] * len(groups),
+                             "ln_ic50": np.ravel([[s, -s] for s in score]) + 0.01 * rng.normal(size=2 * len(groups))})
+    response.to_csv(tmp / "response.tsv", sep="\t", index=False)
+    subprocess.run([str(REPO / "bin" / "scfm-drug"), "adapt", str(tmp / "lines.embedded.h5ad"), "--response",
+                    str(tmp / "response.tsv"), "--target", str(tmp / "cells.embedded.h5ad"), "--drugs",
+                    "drugA,drugB", "-o", str(tmp / "drug_model"), "--epochs", "2", "--steps-per-epoch", "5",
+                    "--quiet"], env=env, check=True)
+    return tmp / "drug_model"
+
+
+def test_embed_mode_with_an_official_checkpoint_and_a_drug_model(official_ckpt, train_data, tmp_path):
+    """Embed mode from an official `.ckpt` + `--vocab`, then DRUG_RESPONSE scores every cell."""
     ckpt, vocab = official_ckpt
+    drug_model = drug_sensitivity_model(ckpt, vocab, train_data["aligned"], tmp_path)
     sheet = write_samplesheet(tmp_path / "samples.csv", [("pbmc_b", DEMO / "pbmc_b.h5ad", "b2")])
     outdir = tmp_path / "out"
-    run_pipeline(tmp_path / "launch", outdir, "embed", "--input", sheet, "--mode", "embed",
-                 "--checkpoint", ckpt, "--vocab", vocab).check()
-    adata = ad.read_h5ad(outdir / "embedded" / "pbmc_b.embedded.h5ad")
-    assert adata.obsm["X_scfm"].shape == (adata.n_obs, 4 * 64)  # tiny: pool all = 4 x 64
-    assert adata.uns["scfm"]["embed"]["checkpoint_sha256"]
+    launch = run_pipeline(tmp_path / "launch", outdir, "embed", "--input", sheet, "--mode", "embed",
+                          "--checkpoint", ckpt, "--vocab", vocab, "--drug_model", drug_model,
+                          "--drugs", "drugB").check()
+    assert "DRUG_RESPONSE (pbmc_b)" in launch.tasks("COMPLETED")
+    embedded = ad.read_h5ad(outdir / "embedded" / "pbmc_b.embedded.h5ad")
+    assert embedded.obsm["X_scfm"].shape == (embedded.n_obs, 4 * 64)  # tiny: pool all = 4 x 64
+    assert embedded.uns["scfm"]["embed"]["checkpoint_sha256"]
+    scored = ad.read_h5ad(outdir / "drug" / "pbmc_b.drug.h5ad")
+    assert [c for c in scored.obs.columns if c.endswith("_sensitivity")] == ["scfm_drugB_sensitivity"]
+    assert scored.obs["scfm_drugB_sensitivity"].between(0, 1).all()
+    html = (outdir / "reports" / "all_samples.report.html").read_text()
+    assert "drugB" in html[html.index('id="section-drug"'):]
 
 
 def test_a_corrupt_sample_stops_the_run_with_scfms_error_and_publishes_nothing_for_it(train_data, tmp_path):
@@ -241,3 +307,33 @@ def test_a_corrupt_sample_stops_the_run_with_scfms_error_and_publishes_nothing_f
     published = [p for p in outdir.rglob("*") if "broken" in p.name]
     assert not published, published
     assert not os.path.exists(outdir / "reports")
+
+
+def test_perturbation_step_on_a_screen_with_a_planted_effect(tmp_path):
+    """PERTURB on a synthetic Perturb-seq sample (embed mode, a tiny random model over its genes): the step
+    cross-validates by target gene, publishes its predictor, and the all-samples report shows its section."""
+    sys.path.insert(0, str(REPO / "tests" / "perturb"))
+    from perturb_data import CONTROL, GENES, synthetic_screen
+
+    from scfm.data.vocab import Vocabulary
+    from scfm.model.checkpoint import save_checkpoint
+    from scfm.model.config import ModelConfig
+    from scfm.model.xtrimogene import XTrimoGene
+
+    synthetic_screen().write_h5ad(tmp_path / "screen.h5ad")
+    config = ModelConfig.preset("tiny", n_genes=len(GENES))
+    save_checkpoint(tmp_path / "model", XTrimoGene(config, seed=0), config, Vocabulary(GENES))
+    sheet = write_samplesheet(tmp_path / "samples.csv", [("screen", tmp_path / "screen.h5ad", "s1")])
+    # the test profile's QC thresholds and labels are for the PBMC demo: this screen has 40 genes, no labels
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"label_key": None, "report_label_key": None, "min_genes": 5, "min_cells": 1,
+                                  "perturbation_key": "gene", "perturbation_control": CONTROL,
+                                  "perturbation_folds": 2}))
+    outdir = tmp_path / "out"
+    launch = run_pipeline(tmp_path / "launch", outdir, "perturb", "--input", sheet, "--mode", "embed",
+                          "--checkpoint", tmp_path / "model", "-params-file", params).check()
+    assert "PERTURB (1 samples)" in launch.tasks("COMPLETED")
+    evaluation = json.loads((outdir / "perturb" / "evaluation.json").read_text())
+    assert evaluation
+    html = (outdir / "reports" / "all_samples.report.html").read_text()
+    assert 'id="section-perturbation"' in html

@@ -5,6 +5,7 @@ process REPORT {
 
     input:
     tuple val(name), path(h5ads, stageAs: 'inputs/*', arity: '1..*'), path(qc_summaries, stageAs: 'qc/*', arity: '1..*')
+    path perturbation, stageAs: 'perturb/*'
     env('SCFM_PIPELINE_SESSION')
 
     output:
@@ -18,12 +19,14 @@ process REPORT {
     // samples gets a report that says so instead of failing the run
     def label = params.report_label_key ? "--label-key '${params.report_label_key}' --labels-optional" : ''
     def qc = qc_summaries.collect { summary -> "--qc-json '${summary}'" }.join(' ')
+    def perturb = perturbation ? "--perturbation '${perturbation}'" : ''
     """
     scfm-report \\
         ${h5ads.join(' ')} \\
         -o '${name}.report.html' \\
         ${label} \\
         ${qc} \\
+        ${perturb} \\
         --batch-key ${params.batch_key} \\
         --metrics-json '${name}.metrics.json' \\
         --seed ${params.seed} \\

@@ -2,7 +2,8 @@
 
 Sections, always present (with a note saying why when a section has nothing to show):
 summary, QC, metrics (scfm vs a PCA baseline on the same cells), UMAPs side by side, Leiden clusters,
-annotation (confusion matrix), training curves (from linked MLflow runs), parameters and versions.
+annotation (confusion matrix), drug sensitivity (``scfm drug score`` columns, see report/drug.py), training
+curves (from linked MLflow runs), parameters and versions.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pandas as pd
 from scfm.errors import ScfmError
 from scfm.report import metrics as M
 from scfm.report import plots
+from scfm.report.drug import drug_section
 
 PCA_KEY = "X_pca_baseline"
 QC_COLOURS = ("total_counts", "n_genes_by_counts", "pct_counts_mt", "pct_counts_ribo", "doublet_score")
@@ -34,9 +36,12 @@ SECTIONS = (
     ("umap", "UMAP: scfm vs PCA"),
     ("leiden", "Leiden clusters"),
     ("annotation", "Annotation"),
+    ("drug", "Drug sensitivity"),
     ("training", "Training curves"),
     ("provenance", "Parameters and versions"),
 )
+# sections shown only when their input is given (`scfm report --perturbation DIR`)
+OPTIONAL_SECTIONS = (("perturbation", "Perturbation response"),)
 VERSIONED_PACKAGES = ("scfm", "torch", "deepspeed", "scanpy", "anndata", "scikit-learn", "numpy", "mlflow")
 TRAINING_STEPS = ("pretrain", "finetune")
 
@@ -414,8 +419,9 @@ def package_versions() -> dict[str, str]:
 
 def render(title: str, subtitle: str, bodies: dict[str, str]) -> str:
     template = Template((Path(__file__).parent / "templates" / "report.html").read_text())
-    nav = "".join(f'<a href="#section-{key}">{_e(name)}</a>' for key, name in SECTIONS)
-    sections = "\n".join(section(key, name, bodies[key]) for key, name in SECTIONS)
+    shown = [*SECTIONS, *[(key, name) for key, name in OPTIONAL_SECTIONS if key in bodies]]
+    nav = "".join(f'<a href="#section-{key}">{_e(name)}</a>' for key, name in shown)
+    sections = "\n".join(section(key, name, bodies[key]) for key, name in shown)
     return template.substitute(title=_e(title), subtitle=_e(subtitle), nav=nav, sections=sections)
 
 
@@ -471,8 +477,11 @@ def build_report(
     title: str | None = None,
     max_cells: int | None = 50_000,
     quiet: bool = False,
+    perturbation=None,
 ) -> tuple[str, dict]:
-    """Compute metrics and figures for loaded inputs; return (HTML text, metrics dict)."""
+    """Compute metrics and figures for loaded inputs; return (HTML text, metrics dict).
+
+    ``perturbation``: a predictor directory of `scfm perturb train --folds K`, shown in its own section."""
     from scfm.utils import progress
 
     inputs, uns_list = loaded.paths, loaded.uns_list
@@ -554,6 +563,7 @@ def build_report(
         "qc_json": [os.fspath(p) for p in qc_json], "run_ids": list(run_ids), "seed": seed,
     }
     result["versions"] = package_versions()
+    drug_body, result["drug_sensitivity"] = drug_section(adata, coords, group_key=label_key, seed=seed)
     bodies = {
         "summary": summary_section(adata, inputs, embedding_key, label_key, batch_key, n_input_cells),
         "qc": qc_section(adata, qc_summaries, qc_columns),
@@ -561,10 +571,17 @@ def build_report(
         "umap": umap_body,
         "leiden": "\n".join(leiden_parts),
         "annotation": annotation_body,
+        "drug": drug_body,
         "training": training_section(curves),
         "provenance": provenance_section(uns_list, params),
     }
     result["training_runs"] = [name for name, _ in curves]
+    if perturbation is not None:
+        from scfm.report.perturb import load_result, perturbation_section
+
+        bodies["perturbation"] = perturbation_section(perturbation)
+        summary = load_result(perturbation)[0]["summary"]
+        result["perturbation"] = {"predictor": os.fspath(perturbation), "summary": summary}
     bar.update()
     bar.close()
     title = title or f"scfm report: {', '.join(Path(p).name for p in inputs)}"
@@ -584,4 +601,6 @@ def flat_metrics(result: dict) -> dict[str, float]:
     for key, value in result.get("annotation", {}).items():
         if isinstance(value, (int, float)) and value is not None:
             flat[f"annotation.{key}"] = float(value)
+    for method, values in result.get("perturbation", {}).get("summary", {}).items():
+        flat.update({f"perturbation.{method}.{k}": float(v) for k, v in values.items() if v is not None})
     return flat

@@ -69,6 +69,9 @@ def modeProblems() {
     if (params.reference && !params.label_key) {
         problems << "--reference needs --label_key: the obs column of the reference holding its labels"
     }
+    if (params.perturbation_key && params.mode != 'pretrain' && !params.checkpoint) {
+        problems << "--perturbation_key needs --checkpoint (its gene context embeddings), or --mode pretrain"
+    }
     if (params.classifier && params.reference) {
         problems << "--classifier and --reference are two ways to annotate: give one"
     }
