@@ -8,7 +8,7 @@ NXF_RUNTIME ?= .nextflow-runtime
 NEXTFLOW     = $(NXF_RUNTIME)/bin/nextflow
 TEST_PATH    = $(CURDIR)/$(BIN):$(CURDIR)/bin:$(CURDIR)/$(NXF_RUNTIME)/bin:$$PATH
 
-.PHONY: demo test test-fast lint-nf nextflow bench lock clean
+.PHONY: demo test test-fast lint-nf nextflow image base-image bench lock clean
 .DEFAULT_GOAL := demo
 
 $(BIN)/.installed: pyproject.toml requirements.lock
@@ -27,6 +27,17 @@ nextflow: $(NEXTFLOW)  ## Nextflow from Maven Central, checked against scripts/n
 
 $(NEXTFLOW): scripts/install-nextflow scripts/nextflow/pom.xml scripts/nextflow/SHA256SUMS scripts/nextflow/nextflow
 	scripts/install-nextflow $(NXF_RUNTIME)
+
+# scfm's image (containers/Dockerfile) with podman, or docker where a daemon answers. BASE_IMAGE: any
+# base with apt and python3.11 (default: the Dockerfile's CUDA runtime image); base-image makes a
+# Debian one without a registry (debootstrap, root): make base-image && make image BASE_IMAGE=scfm-base:bookworm
+BASE_IMAGE ?=
+IMAGE_TAG  ?=
+image:  ## the container image, tagged scfm:<version> (what --container names by default)
+	containers/build-image $(if $(BASE_IMAGE),--base $(BASE_IMAGE)) $(if $(IMAGE_TAG),--tag $(IMAGE_TAG))
+
+base-image:  ## a minimal Debian base image made with debootstrap, for machines without a registry
+	containers/build-base-image
 
 test: $(BIN)/.installed $(NEXTFLOW)  ## the whole test suite (what CI runs), real Nextflow runs included
 	PATH="$(TEST_PATH)" $(BIN)/pytest

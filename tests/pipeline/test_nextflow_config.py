@@ -8,6 +8,7 @@ channel wiring with the processes' stub blocks.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -62,6 +63,57 @@ def test_gpu_options_survive_every_profile_order(profile, tmp_path):
     if "slurm" in profile:
         assert config["process.executor"] == "'slurm'"
         assert "--gres=gpu:" in config["process.'withLabel:process_gpu'.clusterOptions"]
+
+
+# A stand-in for the container engine: it records the command line Nextflow's task wrapper runs, then
+# runs the task's own command (everything from /bin/bash on) on the host, so that a stub run completes.
+# `apptainer pull` (Nextflow converts a docker image to a .sif first) leaves an empty image file.
+ENGINE_RECORDER = """#!/usr/bin/env bash
+case "$1" in
+    run|exec) ;;
+    pull) while (($#)); do [ "$1" = --name ] && touch "$2"; shift; done; exit 0 ;;
+    *) exit 0 ;;
+esac
+# one line per call: its folder, then each argument shell-quoted (the last one spans several lines)
+{ printf '%s\\t' "$PWD"; printf '%q ' "$@"; echo; } >> '{log}'
+while (($#)) && [ "$1" != /bin/bash ]; do shift; done
+exec "$@"
+"""
+
+GPU_FLAGS = {"docker": "--gpus all --ipc=host", "podman": "--device nvidia.com/gpu=all --ipc=host", "apptainer": "--nv"}
+
+
+@pytest.mark.parametrize("profile", ["docker,gpu", "gpu,podman", "apptainer,gpu"])
+def test_gpu_task_container_command_line(profile, tmp_path, stub_model):
+    """The exact command a GPU task (EMBED) is started with: GPU flags, the user, the mounts, the image."""
+    engine = next(name for name in GPU_FLAGS if name in profile)
+    log = tmp_path / "engine.log"
+    recorder = tmp_path / "engine-bin" / engine
+    recorder.parent.mkdir()
+    recorder.write_text(ENGINE_RECORDER.replace("{log}", str(log)))
+    recorder.chmod(0o755)
+    env = {"PATH": f"{recorder.parent}:{os.environ['PATH']}", "NXF_APPTAINER_CACHEDIR": str(tmp_path / "sif")}
+    outdir = tmp_path / "out"
+    launch = run_pipeline(tmp_path / "launch", outdir, "gpu", "-stub-run", "--mode", "embed",
+                          "--checkpoint", stub_model, profile=f"test,{profile}", env=env).check()
+    workdirs = {row["process"].split(":")[-1]: row["workdir"] for row in launch.trace}
+    calls = dict(line.split("\t", 1) for line in log.read_text().splitlines())
+    assert set(calls) == {row["workdir"] for row in launch.trace}, "a task ran outside the engine"
+    command = calls[workdirs["EMBED"]]
+    print(f"{engine}: {command}")
+    words = command.split(" ")
+    image = words[words.index("/bin/bash") - 1]
+    mlflow_dir, runs_dir = outdir.resolve() / "mlflow", outdir.resolve() / "pretrain" / "runs"
+    if engine == "apptainer":
+        assert words[0] == "exec" and image.endswith("scfm-0.1.0.img"), command
+        assert f"-B {mlflow_dir}" in command and f"-B {runs_dir}" in command
+    else:
+        assert words[0] == "run" and image == "scfm:0.1.0", command
+        assert f"-u {os.getuid()}:{os.getgid()}" in command
+        assert f"-v {mlflow_dir}:{mlflow_dir}" in command and f"-v {runs_dir}:{runs_dir}" in command
+    # the GPU flags come with the GPU task's own options, before the image; a CPU task has none
+    assert GPU_FLAGS[engine] in command.split(f" {image} ")[0], command
+    assert GPU_FLAGS[engine] not in calls[workdirs["QC"]]
 
 
 def test_retried_exit_codes(tmp_path):

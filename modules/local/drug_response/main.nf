@@ -28,6 +28,7 @@ process DRUG_RESPONSE {
     cat <<-END_VERSIONS > versions.yml
     "${task.process}":
         scfm: \$(scfm --version | sed 's/.* //')
+        container: \${SCFM_CONTAINER:-none}
         python: \$(python3 --version | sed 's/Python //')
         rdkit: \$(python3 -c 'from importlib.metadata import version; print(version("rdkit"))')
     END_VERSIONS

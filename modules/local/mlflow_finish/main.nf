@@ -19,6 +19,7 @@ process MLFLOW_FINISH {
     cat <<-END_VERSIONS > versions.yml
     "${task.process}":
         scfm: \$(scfm --version | sed 's/.* //')
+        container: \${SCFM_CONTAINER:-none}
         python: \$(python3 --version | sed 's/Python //')
         mlflow: \$(python3 -c 'from importlib.metadata import version; print(version("mlflow"))')
     END_VERSIONS

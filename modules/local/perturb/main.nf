@@ -42,6 +42,7 @@ process PERTURB {
     cat <<-END_VERSIONS > versions.yml
     "${task.process}":
         scfm: \$(scfm --version | sed 's/.* //')
+        container: \${SCFM_CONTAINER:-none}
         python: \$(python3 --version | sed 's/Python //')
         torch: \$(python3 -c 'from importlib.metadata import version; print(version("torch"))')
     END_VERSIONS

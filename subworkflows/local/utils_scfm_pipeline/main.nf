@@ -23,6 +23,9 @@ workflow PIPELINE_INITIALISATION {
     failOn(sheet.problems)
     def rows = sheet.rows
     failOn(finetuneSampleProblems(rows))
+    if (workflow.containerEngine) {
+        failOn(createContainerMounts())
+    }
 
     log.info("scfm ${workflow.manifest.version}: ${rows.size()} sample(s) from ${params.input}, mode ${params.mode}, results in ${params.outdir}")
     def summary = parameterSummary(schema, params)
@@ -92,6 +95,14 @@ def modeProblems() {
         problems << "--pretrain_nodes ${params.pretrain_nodes} runs each rank with srun, which starts apptainer or singularity images, not ${workflow.containerEngine} ones: use -profile apptainer or singularity"
     }
     return problems
+}
+
+// A bind mount needs its source: the folders tasks write outside their work directories (the SQLite
+// store's, the pretraining runs directory; conf/containers.config) exist before any task starts.
+def createContainerMounts() {
+    def folders = params.container_mounts ? params.container_mounts.toString().tokenize(',') : []
+    return folders.findAll { dir -> !file(dir).mkdirs() && !file(dir).isDirectory() }
+        .collect { dir -> "--container_mounts: cannot create ${dir}" }
 }
 
 // --finetune_sample a,b restricts fine-tuning to those samples; unset, every sample is used
