@@ -104,3 +104,19 @@ def mlflow_server(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def go_dir():
+    """The GO databases from `make go` (scfm.data.go.default_go_dir()). Missing: skip, or fail where CI sets
+    SCFM_REQUIRE_GO=1, so that CI cannot pass by skipping them."""
+    from scfm.data.go import default_go_dir, resolve_go_dir
+    from scfm.errors import ScfmError
+
+    try:
+        return resolve_go_dir(None)
+    except ScfmError:
+        reason = f"GO databases not installed in {default_go_dir()} (run `make go`)"
+        if os.environ.get("SCFM_REQUIRE_GO") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
