@@ -120,3 +120,23 @@ def go_dir():
         if os.environ.get("SCFM_REQUIRE_GO") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+def find_shared_data() -> Path | None:
+    """The project's real-data folder: $SCFM_SHARED_DATA, else the first ``shared/data`` beside the checkout
+    or one of its parents (``../shared/data`` from the project's root, ``../../shared/data`` from a worktree)."""
+    if os.environ.get("SCFM_SHARED_DATA"):
+        return Path(os.environ["SCFM_SHARED_DATA"])
+    for parent in REPO.parents:
+        if (parent / "shared" / "data").is_dir():
+            return parent / "shared" / "data"
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """Path of the shared real data (read-only); skips when it is absent."""
+    found = find_shared_data()
+    if found is None or not found.is_dir():
+        pytest.skip("the shared real-data folder (../shared/data) is absent")
+    return found

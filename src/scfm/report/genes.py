@@ -114,6 +114,23 @@ def section_body(directory: str | Path) -> str:
     return "\n".join(parts)
 
 
+def headline(summary: dict) -> dict:
+    """The numbers a combined report keeps of one gene-modules result."""
+    out = {k: summary[k] for k in ("input", "n_cells", "n_genes", "n_modules")}
+    for name, key in (("scfm", "enrichment"), ("pca_baseline", "baseline")):
+        if key in summary:
+            out[f"{name}_fraction_modules_enriched"] = summary[key]["fraction_modules_enriched"]
+    return out
+
+
+def report_section(directory: str | Path, index: int = 0) -> tuple[str, str, str, dict]:
+    """(key, title, body, headline numbers) for ``scfm report --gene-modules DIR``; the i-th gets its own key."""
+    summary = load_result(directory)
+    key = SECTION_KEY if index == 0 else f"{SECTION_KEY}-{index + 1}"
+    title = f"{SECTION_TITLE}: {Path(summary['input']).name}"
+    return key, title, section_body(directory), {"directory": str(directory), **headline(summary)}
+
+
 def standalone_page(directory: str | Path) -> str:
     """A self-contained HTML page holding only the gene-modules section (the report's look)."""
     from string import Template

@@ -412,10 +412,14 @@ def package_versions() -> dict[str, str]:
     return found
 
 
-def render(title: str, subtitle: str, bodies: dict[str, str]) -> str:
+def render(title: str, subtitle: str, bodies: dict[str, str],
+           extra_sections: Sequence[tuple[str, str, str]] = ()) -> str:
+    """``extra_sections``: (key, title, body) of optional sections (e.g. gene modules), before the provenance."""
     template = Template((Path(__file__).parent / "templates" / "report.html").read_text())
-    nav = "".join(f'<a href="#section-{key}">{_e(name)}</a>' for key, name in SECTIONS)
-    sections = "\n".join(section(key, name, bodies[key]) for key, name in SECTIONS)
+    order = [*SECTIONS[:-1], *((key, name) for key, name, _ in extra_sections), SECTIONS[-1]]
+    bodies = {**bodies, **{key: body for key, _, body in extra_sections}}
+    nav = "".join(f'<a href="#section-{key}">{_e(name)}</a>' for key, name in order)
+    sections = "\n".join(section(key, name, bodies[key]) for key, name in order)
     return template.substitute(title=_e(title), subtitle=_e(subtitle), nav=nav, sections=sections)
 
 
@@ -471,6 +475,7 @@ def build_report(
     title: str | None = None,
     max_cells: int | None = 50_000,
     quiet: bool = False,
+    extra_sections: Sequence[tuple[str, str, str]] = (),
 ) -> tuple[str, dict]:
     """Compute metrics and figures for loaded inputs; return (HTML text, metrics dict)."""
     from scfm.utils import progress
@@ -569,7 +574,7 @@ def build_report(
     bar.close()
     title = title or f"scfm report: {', '.join(Path(p).name for p in inputs)}"
     subtitle = f"{adata.n_obs} cells · scfm {result['versions'].get('scfm', '?')}"
-    return render(title, subtitle, bodies), _jsonable(result)
+    return render(title, subtitle, bodies, extra_sections), _jsonable(result)
 
 
 def flat_metrics(result: dict) -> dict[str, float]:
