@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 DEMO_OUT ?= demo_out
 
-.PHONY: demo test test-fast lint-nf bench lock clean
+.PHONY: demo test test-fast lint-nf bench lock clean go
 .DEFAULT_GOAL := demo
 
 $(BIN)/.installed: pyproject.toml requirements.lock
@@ -32,6 +32,9 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/qc_align.py
 	$(BIN)/python bench/embed.py
 	$(BIN)/python bench/train.py
+
+go:  ## GO BP databases for `scfm genes` enrichment (Debian packages, pinned + SHA-256) -> $$SCFM_GO_DIR or ~/.cache/scfm/go
+	scripts/install_go.sh
 
 lock: $(BIN)/.installed  ## rewrite requirements.lock from the current environment
 	{ head -2 requirements.lock; $(BIN)/pip freeze --exclude-editable | sed 's/+cpu$$//' | grep -v '^pytest'; } > requirements.lock.tmp
