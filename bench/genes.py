@@ -143,9 +143,9 @@ def tested_genes(counts: sp.csr_matrix) -> np.ndarray:
 
 
 def log_expression(counts: sp.csr_matrix, genes: np.ndarray) -> np.ndarray:
-    from scfm.tasks.genes.embeddings import _normalised
+    from scfm.tasks.genes.embeddings import log_normalised
 
-    return _normalised(counts)[:, genes].toarray()
+    return log_normalised(counts)[:, genes].toarray()
 
 
 def scfm_gene_embeddings(model, counts: sp.csr_matrix, genes: np.ndarray) -> tuple[np.ndarray, float]:

@@ -52,7 +52,7 @@ def test_pca_loadings_of_planted_counts_recover_the_programmes():
     truth = np.full(80, -1)
     for k, genes in programmes.items():
         truth[genes] = k
-    normalised = E._normalised(counts).toarray()
+    normalised = E.log_normalised(counts).toarray()
     found = M.find_modules(M.pca_gene_embeddings(normalised, n_comps=10), n_neighbors=8, resolution=0.5,
                            min_module_size=5)
     assert_planted_groups_recovered(found.labels, truth)

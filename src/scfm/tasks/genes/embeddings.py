@@ -36,7 +36,9 @@ class GeneStats:
     mean_expression: np.ndarray  # (n_genes,) float64, log1p(counts / total * 1e4), zeros included
 
 
-def _normalised(block) -> sp.csr_matrix:
+def log_normalised(block) -> sp.csr_matrix:
+    """Raw counts -> log1p(counts / cell total * 1e4), CSR float32: what the model sees, and scanpy's
+    normalize_total(1e4) + log1p."""
     from scfm.model.inputs import normalize_counts
 
     normalised, _ = normalize_counts(block)
@@ -50,7 +52,7 @@ def gene_statistics(rows, *, chunk_size: int = 4096, progress=None) -> GeneStats
     sums = np.zeros(n_genes, dtype=np.float64)
     for start in range(0, n_cells, chunk_size):
         stop = min(start + chunk_size, n_cells)
-        block = _normalised(rows[start:stop])
+        block = log_normalised(rows[start:stop])
         detected += np.bincount(block.indices, minlength=n_genes)
         sums += np.bincount(block.indices, weights=block.data, minlength=n_genes)
         if progress is not None:

@@ -168,14 +168,14 @@ def score_weights(modules: Mapping[int, Sequence[int]], controls: Mapping[int, S
 
 def module_scores(rows, weights: sp.spmatrix, *, chunk_size: int = 4096, progress=None) -> np.ndarray:
     """cells x modules: log1p CP10k expression (streamed from ``rows``, raw counts) times ``weights``."""
-    from scfm.tasks.genes.embeddings import _normalised
+    from scfm.tasks.genes.embeddings import log_normalised
 
     n_cells = rows.shape[0]
     out = np.zeros((n_cells, weights.shape[1]), dtype=np.float64)
     weights = sp.csr_matrix(weights, dtype=np.float64)
     for start in range(0, n_cells, chunk_size):
         stop = min(start + chunk_size, n_cells)
-        out[start:stop] = (_normalised(rows[start:stop]).astype(np.float64) @ weights).toarray()
+        out[start:stop] = (log_normalised(rows[start:stop]).astype(np.float64) @ weights).toarray()
         if progress is not None:
             progress.update(stop - start)
     return out

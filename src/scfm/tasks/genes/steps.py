@@ -14,12 +14,13 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from scfm.errors import ScfmError, ScfmUsageError
 from scfm.tasks.genes import embeddings as E
@@ -123,7 +124,6 @@ class GeneEmbeddingResult:
     stats: E.GeneStats
     group_names: list[str]
     sampled: np.ndarray  # row indices of the cells averaged over
-    settings: dict = field(default_factory=dict)
 
 
 def embed_genes(cells: CellsInput, model, *, codes: np.ndarray, group_names: list[str], min_cells: int,
@@ -219,8 +219,6 @@ def score_cells(cells: CellsInput, result: GeneEmbeddingResult, found: M.Modules
     # the weights live on the tested genes; lift them to vocabulary positions for the streamed product
     lift = np.asarray(result.means.genes)
     local = M.score_weights(members, controls, len(lift)).tocoo()
-    import scipy.sparse as sp
-
     weights = sp.csr_matrix((local.data, (lift[local.row], local.col)), shape=(cells.rows.shape[1], local.shape[1]))
     with progress(total=cells.rows.shape[0], desc="module scores", unit="cells", quiet=quiet) as bar:
         scores = M.module_scores(cells.rows, weights, progress=bar)
@@ -258,7 +256,7 @@ def baseline_embeddings(cells: CellsInput, result: GeneEmbeddingResult, *, seed:
     chosen = result.sampled
     if len(chosen) > BASELINE_MAX_CELLS:
         chosen = np.sort(rng.choice(chosen, size=BASELINE_MAX_CELLS, replace=False))
-    block = E._normalised(E.RowSubset(cells.rows, chosen)[0 : len(chosen)])
+    block = E.log_normalised(E.RowSubset(cells.rows, chosen)[0 : len(chosen)])
     return M.pca_gene_embeddings(block[:, result.means.genes].toarray(), seed=seed)
 
 
