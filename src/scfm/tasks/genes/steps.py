@@ -126,10 +126,22 @@ class GeneEmbeddingResult:
     sampled: np.ndarray  # row indices of the cells averaged over
 
 
-def embed_genes(cells: CellsInput, model, *, codes: np.ndarray, group_names: list[str], min_cells: int,
-                max_cells_per_group: int | None, seed: int, batch_size: int, device: str, precision: str,
-                target_depth: str, chunk_size: int, quiet: bool, stats: E.GeneStats | None = None,
-                restrict: np.ndarray | None = None) -> GeneEmbeddingResult:
+@dataclass(frozen=True)
+class EmbeddingOptions:
+    """Which genes and cells go into the gene embeddings, and how cells go through the model."""
+
+    min_cells: int = 10
+    max_cells_per_group: int | None = 2000
+    target_depth: str = "t4"
+    batch_size: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 0
+
+
+def embed_genes(cells: CellsInput, model, options: EmbeddingOptions, *, codes: np.ndarray, group_names: list[str],
+                quiet: bool, stats: E.GeneStats | None = None, restrict: np.ndarray | None = None
+                ) -> GeneEmbeddingResult:
     """Gene statistics over all cells, then mean decoder embeddings of the kept genes over sampled cells.
 
     ``restrict``: a boolean mask of the cells allowed in the average (all by default).
@@ -138,17 +150,18 @@ def embed_genes(cells: CellsInput, model, *, codes: np.ndarray, group_names: lis
 
     if stats is None:
         stats = gene_stats(cells, quiet=quiet)
-    genes = E.select_genes(stats, min_cells)
+    genes = E.select_genes(stats, options.min_cells)
     if len(genes) < 3:
-        raise ScfmError(f"only {len(genes)} gene(s) are detected in at least {min_cells} cells (--min-cells)",
-                        cells.path)
+        raise ScfmError(f"only {len(genes)} gene(s) are detected in at least {options.min_cells} cells "
+                        "(--min-cells)", cells.path)
     eligible = np.ones(len(codes), dtype=bool) if restrict is None else restrict
-    sampled = np.flatnonzero(eligible)[E.sample_cells(codes[eligible], max_cells_per_group, seed=seed)]
+    sampled = np.flatnonzero(eligible)[E.sample_cells(codes[eligible], options.max_cells_per_group,
+                                                      seed=options.seed)]
     with progress(total=len(sampled), desc="gene embeddings", unit="cells", quiet=quiet) as bar:
         means = E.mean_gene_embeddings(model, E.RowSubset(cells.rows, sampled), genes, groups=codes[sampled],
-                                       n_groups=len(group_names), target_depth=target_depth,
-                                       batch_size=batch_size, device=device, precision=precision,
-                                       chunk_size=chunk_size, progress=bar)
+                                       n_groups=len(group_names), target_depth=options.target_depth,
+                                       batch_size=options.batch_size, device=options.device,
+                                       precision=options.precision, progress=bar)
     names = [cells.genes[g] for g in genes]
     return GeneEmbeddingResult(names, means, stats, group_names, sampled)
 
@@ -313,10 +326,9 @@ def gene_modules_file(
         tested = [cells.genes[g] for g in E.select_genes(stats, min_cells)]
         go = go_annotations(tested, go_dir, input_path) if enrichment else None
 
-        result = embed_genes(cells, loaded.model, codes=codes, group_names=group_names, min_cells=min_cells,
-                             max_cells_per_group=max_cells_per_group, seed=seed, batch_size=batch_size,
-                             device=device, precision=precision, target_depth=target_depth, chunk_size=1024,
-                             quiet=quiet, stats=stats)
+        options = EmbeddingOptions(min_cells, max_cells_per_group, target_depth, batch_size, device, precision, seed)
+        result = embed_genes(cells, loaded.model, options, codes=codes, group_names=group_names, quiet=quiet,
+                             stats=stats)
         found = M.find_modules(result.means.overall, n_neighbors=n_neighbors, resolution=resolution,
                                min_module_size=min_module_size, seed=seed, umap=True)
         if not found.module_ids:
@@ -442,11 +454,9 @@ def gene_network_file(
                                  "`scfm genes modules`)")
         if group is not None and groupby is None:
             raise ScfmUsageError("--group needs --groupby with a cells h5ad")
-        names, vectors, present = _network_embeddings(input_path, checkpoint, version, vocab, tfs, tf_list,
-                                                      groupby=groupby, group=group, min_cells=min_cells,
-                                                      max_cells_per_group=max_cells_per_group, seed=seed,
-                                                      batch_size=batch_size, device=device, precision=precision,
-                                                      target_depth=target_depth, quiet=quiet)
+        options = EmbeddingOptions(min_cells, max_cells_per_group, target_depth, batch_size, device, precision, seed)
+        names, vectors, present = _network_embeddings(input_path, checkpoint, version, vocab, tfs, tf_list, options,
+                                                      groupby=groupby, group=group, quiet=quiet)
         source = {"cells": str(input_path), "checkpoint": str(checkpoint)}
     scores = tf_target_scores(vectors, present)
     table = edge_table(names, present, scores, top_targets=top_targets, style=style)
@@ -464,8 +474,8 @@ def _check_tfs(present: np.ndarray, tfs: list[str], names: list[str], tf_list) -
                         tf_list)
 
 
-def _network_embeddings(input_path, checkpoint, version, vocab, tfs, tf_list, *, groupby, group, min_cells,
-                        max_cells_per_group, seed, batch_size, device, precision, target_depth, quiet):
+def _network_embeddings(input_path, checkpoint, version, vocab, tfs, tf_list, options: EmbeddingOptions, *,
+                        groupby, group, quiet):
     from scfm.model.checkpoint import load_checkpoint
     from scfm.tasks.genes.network import match_tfs
 
@@ -480,11 +490,9 @@ def _network_embeddings(input_path, checkpoint, version, vocab, tfs, tf_list, *,
                                 f"(values: {', '.join(group_names[:20])})", input_path)
             restrict = codes == group_names.index(group)
         stats = gene_stats(cells, quiet=quiet)
-        names = [cells.genes[g] for g in E.select_genes(stats, min_cells)]
+        names = [cells.genes[g] for g in E.select_genes(stats, options.min_cells)]
         present = match_tfs(tfs, names)
         _check_tfs(present, tfs, names, tf_list)
-        result = embed_genes(cells, loaded.model, codes=np.full(len(codes), -1), group_names=[],
-                             min_cells=min_cells, max_cells_per_group=max_cells_per_group, seed=seed,
-                             batch_size=batch_size, device=device, precision=precision, target_depth=target_depth,
-                             chunk_size=1024, quiet=quiet, stats=stats, restrict=restrict)
+        result = embed_genes(cells, loaded.model, options, codes=np.full(len(codes), -1), group_names=[],
+                             quiet=quiet, stats=stats, restrict=restrict)
     return result.names, result.means.overall, present
