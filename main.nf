@@ -80,4 +80,7 @@ def checkModeParams() {
     if (params.checkpoint && !params.vocab && params.mode != 'pretrain' && params.checkpoint.toString().endsWith('.ckpt')) {
         error("--checkpoint ${params.checkpoint} has no vocabulary inside: give --vocab (e.g. OS_scRNA_gene_index.19264.tsv)")
     }
+    if ((params.tf_list || params.go_db || params.gene_modules_groupby) && !params.gene_modules) {
+        error("--tf_list, --go_db and --gene_modules_groupby take effect with --gene_modules")
+    }
 }

@@ -9,6 +9,8 @@
  *
  * Annotation runs when a classifier is given (--classifier) or produced (FINETUNE), or with a
  * reference (--reference + --label_key). Reports: one per batch and one for all samples.
+ * --gene_modules adds GENE_MODULES per sample (and GENE_NETWORK with --tf_list), summarised in the
+ * all-samples report.
  */
 
 include { MLFLOW_INIT              } from '../modules/local/mlflow_init'
@@ -19,6 +21,8 @@ include { PRETRAIN                 } from '../modules/local/pretrain'
 include { FINETUNE                 } from '../modules/local/finetune'
 include { EMBED                    } from '../modules/local/embed'
 include { ANNOTATE                 } from '../modules/local/annotate'
+include { GENE_MODULES             } from '../modules/local/gene_modules'
+include { GENE_NETWORK             } from '../modules/local/gene_network'
 include { REPORT as REPORT_BATCH   } from '../modules/local/report'
 include { REPORT as REPORT_ALL     } from '../modules/local/report'
 
@@ -88,6 +92,17 @@ workflow SCFM {
         results = ANNOTATE.out.h5ad
     }
 
+    // gene modules from the model's decoder (the base checkpoint: a classifier may carry no decoder)
+    gene_dirs = channel.value([])
+    if (params.gene_modules) {
+        def go_db = params.go_db ? channel.value(file(params.go_db, checkIfExists: true)) : channel.value([])
+        GENE_MODULES(results, base_checkpoint, vocab, go_db, tracking)
+        gene_dirs = GENE_MODULES.out.dir.map { _meta, dir -> dir }.collect(sort: true).ifEmpty([])
+        if (params.tf_list) {
+            GENE_NETWORK(GENE_MODULES.out.dir, channel.value(file(params.tf_list, checkIfExists: true)), tracking)
+        }
+    }
+
     // each result with its sample's QC summary: [ meta, h5ad, qc.json ]
     with_qc = results.join(QC.out.summary)
 
@@ -95,13 +110,13 @@ workflow SCFM {
         .map { meta, h5ad, summary -> [meta.batch, h5ad, summary] }
         .groupTuple(sort: true)
         .map { batch, h5ads, summaries -> ["batch_${batch}", h5ads, summaries] }
-    REPORT_BATCH(per_batch, tracking)
+    REPORT_BATCH(per_batch, channel.value([]), tracking)
 
     all_samples = with_qc
         .map { _meta, h5ad, summary -> [h5ad, summary] }
         .toList()
         .map { pairs -> ['all_samples', pairs.collect { pair -> pair[0] }.sort(), pairs.collect { pair -> pair[1] }.sort()] }
-    REPORT_ALL(all_samples, tracking)
+    REPORT_ALL(all_samples, gene_dirs, tracking)
 
     versions = channel.empty()
         .mix(MLFLOW_INIT.out.versions, QC.out.versions, ALIGN.out.versions, EMBED.out.versions)
@@ -117,6 +132,12 @@ workflow SCFM {
     }
     if (annotating) {
         versions = versions.mix(ANNOTATE.out.versions)
+    }
+    if (params.gene_modules) {
+        versions = versions.mix(GENE_MODULES.out.versions)
+    }
+    if (params.gene_modules && params.tf_list) {
+        versions = versions.mix(GENE_NETWORK.out.versions)
     }
 
     emit:

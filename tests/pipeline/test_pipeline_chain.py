@@ -7,7 +7,8 @@ subprocesses sharing one SQLite MLflow store, every process under the parent run
 `scfm-mlflow-init`, in its own work directory with its inputs linked in (as Nextflow stages them):
 
   mlflow-init -> qc (per sample) -> vocab build -> align (+ shards) -> pretrain -> finetune
-  -> embed (per sample) -> annotate (per sample) -> report (per batch, and all samples)
+  -> embed (per sample) -> annotate (per sample) -> gene modules (per sample, with --gene_modules)
+  -> report (per batch, and all samples with the gene-modules sections)
 """
 
 from __future__ import annotations
@@ -180,27 +181,44 @@ def test_pipeline_chain(tmp_path):
     ])
     annotated = [d / f"{s['sample']}.annotated.h5ad" for d, s in zip(annotate_dirs, samples)]
 
-    # REPORT per batch and for all samples, all at once
+    # GENE_MODULES from the pretrained model's decoder, every sample at once (no --go_db: no enrichment)
+    gene_dirs = []
+    if params["gene_modules"]:
+        gene_tasks = [
+            Task(work, "gene_modules", s["sample"], env, {h5ad.name: h5ad, "model/model": checkpoint, "vocab.tsv": vocab},
+                 {"h5ad": h5ad.name, "prefix": s["sample"], "checkpoint": "model/model", "vocab": "vocab.tsv",
+                  "groupby": "", "enrichment": "--no-enrichment", "device": "auto", "args": ""}, params)
+            for s, h5ad in zip(samples, annotated)
+        ]
+        gene_dirs = [d / f"{s['sample']}.genes" for d, s in zip(run_all(gene_tasks), samples)]
+
+    # REPORT per batch and for all samples (it alone with the gene modules), all at once
     groups = {}
     for s, h5ad, summary in zip(samples, annotated, qc_jsons):
         groups.setdefault(f"batch_{s['batch']}", []).append((h5ad, summary))
     groups["all_samples"] = list(zip(annotated, qc_jsons))
     report_tasks = []
     for name, members in groups.items():
-        staged = {**{f"inputs/{h.name}": h for h, _ in members}, **{f"qc/{q.name}": q for _, q in members}}
+        genes = gene_dirs if name == "all_samples" else []
+        staged = {**{f"inputs/{h.name}": h for h, _ in members}, **{f"qc/{q.name}": q for _, q in members},
+                  **{f"gene_modules/{g.name}": g for g in genes}}
         report_tasks.append(Task(
             work, "report", name, env, staged,
             {"h5ads.join(' ')": [f"inputs/{h.name}" for h, _ in members], "name": name,
              "label": (f"--label-key '{params['report_label_key']}' --labels-optional"
                        if params["report_label_key"] else ""),
-             "qc": " ".join(f"--qc-json 'qc/{q.name}'" for _, q in members), "args": ""}, params))
+             "qc": " ".join(f"--qc-json 'qc/{q.name}'" for _, q in members),
+             "genes": " ".join(f"--gene-modules 'gene_modules/{g.name}'" for g in genes), "args": ""}, params))
     report_dirs = run_all(report_tasks)
 
     check_outputs(samples, annotated, classifier, checkpoint, report_dirs, groups)
     if params["report_label_key"]:
         check_label_coverage(params["report_label_key"], annotated, report_dirs, groups)
+    if params["gene_modules"]:
+        check_gene_modules(samples, gene_dirs, report_dirs, groups)
     check_mlflow(mlflow_uri, parent, session_id, expected_step_runs=(
-        len(samples) * 4 + 3 + len(groups)  # qc, align, embed, annotate per sample; vocab, pretrain, finetune
+        # qc, align, embed, annotate (and gene modules) per sample; vocab, pretrain, finetune; reports
+        len(samples) * (5 if params["gene_modules"] else 4) + 3 + len(groups)
     ))
 
 
@@ -219,6 +237,18 @@ def check_outputs(samples, annotated, classifier, checkpoint, report_dirs, group
         html = (directory / f"{name}.report.html").read_text()
         assert html.lstrip().lower().startswith("<!doctype html") and len(html) > 1000
         json.loads((directory / f"{name}.metrics.json").read_text())
+
+
+def check_gene_modules(samples, gene_dirs, report_dirs, groups):
+    """Each sample has its modules; the all-samples report has one section per sample, the others none."""
+    for s, directory in zip(samples, gene_dirs):
+        summary = json.loads((directory / "summary.json").read_text())
+        assert summary["n_modules"] >= 1 and (directory / "gene_modules.tsv").exists()
+        assert Path(summary["input"]).name == f"{s['sample']}.annotated.h5ad"
+    for directory, name in zip(report_dirs, groups):
+        html = (directory / f"{name}.report.html").read_text()
+        sections = html.count('<section id="section-gene-modules')
+        assert sections == (len(samples) if name == "all_samples" else 0), (name, sections)
 
 
 def check_finetune_inputs(classifier, training, label_key):

@@ -5,6 +5,7 @@ process REPORT {
 
     input:
     tuple val(name), path(h5ads, stageAs: 'inputs/*', arity: '1..*'), path(qc_summaries, stageAs: 'qc/*', arity: '1..*')
+    path gene_modules, stageAs: 'gene_modules/*', arity: '0..*'
     tuple env('MLFLOW_TRACKING_URI'), env('SCFM_MLFLOW_PARENT_RUN_ID')
 
     output:
@@ -18,12 +19,15 @@ process REPORT {
     // samples gets a report that says so instead of failing the run
     def label = params.report_label_key ? "--label-key '${params.report_label_key}' --labels-optional" : ''
     def qc = qc_summaries.collect { summary -> "--qc-json '${summary}'" }.join(' ')
+    // GENE_MODULES result directories (none unless --gene_modules): one report section each
+    def genes = gene_modules.collect { dir -> "--gene-modules '${dir}'" }.join(' ')
     """
     scfm-report \\
         ${h5ads.join(' ')} \\
         -o '${name}.report.html' \\
         ${label} \\
         ${qc} \\
+        ${genes} \\
         --batch-key ${params.batch_key} \\
         --metrics-json '${name}.metrics.json' \\
         --seed ${params.seed} \\
