@@ -72,7 +72,8 @@ def test_sample_cells_caps_each_group_and_is_seeded():
     assert len(E.sample_cells(groups, None)) == len(groups)
 
 
-def test_row_subset_reads_the_chosen_rows_from_a_file(tmp_path):
+@pytest.mark.parametrize("max_span", [1, 3, 4096])
+def test_row_subset_reads_the_chosen_rows_from_a_file(tmp_path, max_span):
     import anndata as ad
     import h5py
 
@@ -81,7 +82,7 @@ def test_row_subset_reads_the_chosen_rows_from_a_file(tmp_path):
     ad.AnnData(X=counts).write_h5ad(tmp_path / "x.h5ad")
     index = np.array([1, 2, 9, 17, 29])
     with h5py.File(tmp_path / "x.h5ad") as handle:
-        subset = E.RowSubset(H5adRows(handle["X"], tmp_path / "x.h5ad"), index)
+        subset = E.RowSubset(H5adRows(handle["X"], tmp_path / "x.h5ad"), index, max_span=max_span)
         assert subset.shape == (5, 6)
         np.testing.assert_array_equal(subset[1:4].toarray(), counts[index[1:4]].toarray())
         np.testing.assert_array_equal(subset[0:5].toarray(), counts[index].toarray())

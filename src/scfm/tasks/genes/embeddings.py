@@ -84,24 +84,34 @@ def sample_cells(groups: np.ndarray, max_cells_per_group: int | None, *, seed: i
 
 
 class RowSubset:
-    """The rows ``index`` (sorted) of a row-sliceable matrix, itself row-sliceable: reads stay in file order."""
+    """The rows ``index`` (sorted) of a row-sliceable matrix, itself row-sliceable: reads stay in file order.
 
-    def __init__(self, rows, index: np.ndarray):
+    Rows are read in runs spanning at most ``max_span`` rows of the source, so a few thousand cells sampled
+    from millions cost a few thousand small reads, never one read of everything between them.
+    """
+
+    def __init__(self, rows, index: np.ndarray, *, max_span: int = 4096):
         self.rows = rows
         self.index = np.asarray(index, dtype=np.int64)
         if len(self.index) and (np.any(np.diff(self.index) <= 0) or self.index[0] < 0
                                 or self.index[-1] >= rows.shape[0]):
             raise ValueError("RowSubset needs strictly increasing row indices inside the matrix")
         self.shape = (len(self.index), rows.shape[1])
+        self.max_span = max_span
 
     def __getitem__(self, rows: slice) -> sp.csr_matrix:
         start, stop, _ = rows.indices(self.shape[0])
         wanted = self.index[start:stop]
-        if not len(wanted):
-            return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
-        block = self.rows[int(wanted[0]) : int(wanted[-1]) + 1]
-        block = block if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
-        return sp.csr_matrix(block)[wanted - wanted[0]]
+        blocks = [sp.csr_matrix((0, self.shape[1]), dtype=np.float32)]
+        first = 0
+        while first < len(wanted):
+            end = int(np.searchsorted(wanted, wanted[first] + self.max_span, side="left"))
+            low, high = int(wanted[first]), int(wanted[end - 1]) + 1
+            block = self.rows[low:high]
+            block = block if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+            blocks.append(sp.csr_matrix(block)[wanted[first:end] - low])
+            first = end
+        return sp.vstack(blocks, format="csr", dtype=np.float32)
 
 
 DECODER_BATCH_BYTES = 1 << 30

@@ -4,7 +4,7 @@
     summary = gene_network_file("pbmc.genes/gene_embeddings.h5ad", "edges.tsv", tf_list="tfs.txt")
 
 Everything that can be checked without the model (input, grouping, GO database and gene mapping, TF list) is
-checked first, so bad input fails in seconds with one line and leaves nothing behind.
+checked before the model runs, so bad input fails early with one line and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -41,9 +41,8 @@ class CellsInput:
     path: Path  # as given by the user (named in errors)
     aligned: Path  # the file the rows come from (the input, or an aligned copy in scratch)
     obs: pd.DataFrame
-    genes: list[str]
-    handle: Any = None
-    rows: Any = None
+    genes: list[str]  # the vocabulary, in column order
+    rows: Any  # row-sliceable raw counts (H5adRows), valid while open_cells is open
 
 
 def _read_obs(path: Path) -> pd.DataFrame:
@@ -76,7 +75,7 @@ def open_cells(path, vocab, scratch: Path, *, quiet: bool = True):
         align_file(path, vocab, out_h5ad=aligned, quiet=quiet)
     obs = _read_obs(aligned)
     with h5py.File(aligned, "r") as handle:
-        yield CellsInput(path, aligned, obs, list(vocab.genes), handle, H5adRows(handle["X"], path))
+        yield CellsInput(path, aligned, obs, list(vocab.genes), H5adRows(handle["X"], path))
 
 
 def group_codes(obs: pd.DataFrame, groupby: str | None, path, *, min_group_cells: int) -> tuple[np.ndarray, list[str]]:
