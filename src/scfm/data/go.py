@@ -257,8 +257,9 @@ def go_coannotation_edges(
     For each gene in ``genes`` (every gene is a ``source``), its ``top_k`` most similar other genes with a
     Jaccard index >= ``min_jaccard`` (``top_k=None``: all of them). A GO-similarity gene graph of this kind
     (top 20 per gene, GEARS) gives genes without measurements neighbours with them. ``annotations`` maps the
-    names in ``genes`` to GO ids; by default ``annotate_genes(genes, go_dir)``. Genes without annotation have
-    no edges. Rows are computed ``block_size`` genes at a time, so memory stays at block x genes.
+    names in ``genes`` to GO ids; by default ``annotate_genes(genes, go_dir)`` (propagated, so shared ancestors
+    count: pass ``annotate_genes(genes, go_dir, propagate_up=False)`` to compare direct annotations only, or
+    ``max_term_genes`` to drop near-universal terms). Genes without annotation have no edges. Rows are computed ``block_size`` genes at a time, so memory stays at block x genes.
 
     Returns a DataFrame with columns ``source``, ``target``, ``weight`` (decoupler's convention), sorted by
     source (input order) then decreasing weight; no self-edges; pairs appear in both directions when each
