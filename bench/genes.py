@@ -299,12 +299,18 @@ def evaluate_modules(names: list[str], embeddings: dict[str, np.ndarray], *, see
 
 
 # ----------------------------------------------------------------------------------------- main
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def run_dataset(name: str, adata, work: Path, *, steps: int, seed: int, with_grnboost2: bool) -> dict:
     from scfm.model.checkpoint import load_checkpoint
     from scfm.tasks.genes.modules import pca_gene_embeddings, random_gene_embeddings
 
     paths = prepare(name, adata, work)
+    log(f"{name}: pretraining ({steps} steps)")
     checkpoint, pretrain_seconds = pretrain(paths, steps, seed)
+    log(f"{name}: gene embeddings")
     counts = sp.csr_matrix(adata.X, dtype=np.float32)
     genes = tested_genes(counts)
     names = [str(adata.var_names[g]) for g in genes]
@@ -314,11 +320,13 @@ def run_dataset(name: str, adata, work: Path, *, steps: int, seed: int, with_grn
     started = time.perf_counter()
     pca = pca_gene_embeddings(expression, seed=seed)
     pca_seconds = time.perf_counter() - started
+    log(f"{name}: edges vs DoRothEA")
     network, network_info = evaluate_network(
         names, {"scfm (tiny, pretrained here)": (trained, trained_seconds),
                 "scfm (same model untrained)": (untrained, untrained_seconds),
                 "PCA loadings": (pca, pca_seconds)},
         expression, seed=seed, with_grnboost2=with_grnboost2)
+    log(f"{name}: modules vs GO BP")
     modules, modules_info = evaluate_modules(
         names, {"scfm (tiny, pretrained here)": trained, "scfm (same model untrained)": untrained,
                 "PCA loadings": pca, "random Gaussian": random_gene_embeddings(len(names), trained.shape[1], seed=seed)},
