@@ -18,7 +18,9 @@ edges), and early precision: precision among the top k edges, k = the number of 
 
 **Modules vs GO BP**: the same cosine kNN + Leiden procedure (15 neighbours, resolution 1, modules of >= 5
 genes) on each gene embedding; a module is enriched when a GO BP term has BH q < 0.05 (hypergeometric, the
-tested genes with an annotation as universe). Reported: modules, enriched modules, fraction.
+tested genes with an annotation as universe). Reported: modules, enriched modules, fraction, and the share of
+the centred embedding's variance that a linear fit on each gene's mean expression and detection rate explains
+(the "expression level regressed out" rows use the residual of that fit).
 
 Prints markdown tables and writes ``<work>/genes_results.json``.
 """
@@ -156,6 +158,25 @@ def scfm_gene_embeddings(model, counts: sp.csr_matrix, genes: np.ndarray) -> tup
     return means.overall, time.perf_counter() - started
 
 
+def expression_level(counts: sp.csr_matrix, genes: np.ndarray) -> np.ndarray:
+    """genes x 2: each gene's mean log1p CP10k and the share of cells detecting it."""
+    from scfm.tasks.genes.embeddings import gene_statistics
+
+    stats = gene_statistics(counts)
+    return np.c_[stats.mean_expression[genes], stats.n_cells_detected[genes] / stats.n_cells]
+
+
+def explained_by(vectors: np.ndarray, covariates: np.ndarray) -> tuple[float, np.ndarray]:
+    """(share of the centred embedding's variance a linear fit on ``covariates`` explains, the residuals)."""
+    from sklearn.linear_model import LinearRegression
+
+    from scfm.tasks.genes.modules import centre
+
+    centred = centre(vectors).astype(np.float64)
+    residual = centred - LinearRegression().fit(covariates, centred).predict(covariates)
+    return float(1 - (residual ** 2).sum() / (centred ** 2).sum()), residual.astype(np.float32)
+
+
 def untrained_like(checkpoint: Path):
     """A model of the same shape and vocabulary as ``checkpoint``, at its random initialisation."""
     from scfm.model.checkpoint import load_checkpoint
@@ -279,7 +300,8 @@ def evaluate_network(names, embeddings: dict[str, tuple[np.ndarray, float]], exp
 
 
 # ------------------------------------------------------------------------------------- modules
-def evaluate_modules(names: list[str], embeddings: dict[str, np.ndarray], *, seed: int) -> tuple[list[dict], dict]:
+def evaluate_modules(names: list[str], embeddings: dict[str, np.ndarray], *, seed: int,
+                     covariates: np.ndarray | None = None) -> tuple[list[dict], dict]:
     from scfm.data import go
     from scfm.tasks.genes import modules as M
     from scfm.tasks.genes.enrichment import enrich_modules, enrichment_summary
@@ -294,7 +316,9 @@ def evaluate_modules(names: list[str], embeddings: dict[str, np.ndarray], *, see
         rows.append({"embedding": label, "n_modules": summary["n_modules"],
                      "n_enriched": summary["n_modules_enriched"],
                      "fraction_enriched": summary["fraction_modules_enriched"],
-                     "unassigned_genes": int((found.labels < 0).sum())})
+                     "unassigned_genes": int((found.labels < 0).sum()),
+                     "expression_level_r2": (explained_by(vectors, covariates)[0] if covariates is not None
+                                             else float("nan"))})
     return rows, {"n_genes_annotated": len(annotations)}
 
 
@@ -317,20 +341,25 @@ def run_dataset(name: str, adata, work: Path, *, steps: int, seed: int, with_grn
     expression = log_expression(counts, genes)
     trained, trained_seconds = scfm_gene_embeddings(load_checkpoint(checkpoint).model, counts, genes)
     untrained, untrained_seconds = scfm_gene_embeddings(untrained_like(checkpoint), counts, genes)
+    # how much of the trained embedding is just each gene's expression level, and what is left without it
+    covariates = expression_level(counts, genes)
+    _, residual = explained_by(trained, covariates)
     started = time.perf_counter()
     pca = pca_gene_embeddings(expression, seed=seed)
     pca_seconds = time.perf_counter() - started
     log(f"{name}: edges vs DoRothEA")
     network, network_info = evaluate_network(
         names, {"scfm (tiny, pretrained here)": (trained, trained_seconds),
+                "scfm, expression level regressed out": (residual, trained_seconds),
                 "scfm (same model untrained)": (untrained, untrained_seconds),
                 "PCA loadings": (pca, pca_seconds)},
         expression, seed=seed, with_grnboost2=with_grnboost2)
     log(f"{name}: modules vs GO BP")
     modules, modules_info = evaluate_modules(
-        names, {"scfm (tiny, pretrained here)": trained, "scfm (same model untrained)": untrained,
-                "PCA loadings": pca, "random Gaussian": random_gene_embeddings(len(names), trained.shape[1], seed=seed)},
-        seed=seed)
+        names, {"scfm (tiny, pretrained here)": trained, "scfm, expression level regressed out": residual,
+                "scfm (same model untrained)": untrained, "PCA loadings": pca,
+                "random Gaussian": random_gene_embeddings(len(names), trained.shape[1], seed=seed)},
+        seed=seed, covariates=covariates)
     return {"dataset": name, "n_cells": int(adata.n_obs), "n_genes_input": int(adata.n_vars), "n_genes_tested": len(names),
             "pretrain_steps": steps, "pretrain_seconds": pretrain_seconds, "network": network,
             "network_info": network_info, "modules": modules, "modules_info": modules_info}
@@ -351,11 +380,13 @@ def markdown(results: list[dict]) -> str:
                 lines.append(f"| {row['method']} | {row['auprc']:.4f} | {row['auprc_ratio']:.2f} | "
                              f"{row['early_precision']:.3f} | {row['epr']:.2f} | {row['seconds']:.1f} |")
         lines += ["", f"Modules vs GO BP ({result['modules_info']['n_genes_annotated']} tested genes annotated):", "",
-                  "| gene embedding | modules | with a GO BP term (q < 0.05) | fraction | unassigned genes |",
-                  "|---|---:|---:|---:|---:|"]
+                  "| gene embedding | modules | with a GO BP term (q < 0.05) | fraction | unassigned genes | "
+                  "variance explained by expression level |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for row in result["modules"]:
             lines.append(f"| {row['embedding']} | {row['n_modules']} | {row['n_enriched']} | "
-                         f"{row['fraction_enriched']:.2f} | {row['unassigned_genes']} |")
+                         f"{row['fraction_enriched']:.2f} | {row['unassigned_genes']} | "
+                         f"{row['expression_level_r2']:.2f} |")
         lines.append("")
     return "\n".join(lines)
 

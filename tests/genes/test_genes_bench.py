@@ -49,9 +49,9 @@ def test_edges_and_modules_are_scored_against_curated_biology(shared_data, go_di
     share = info["n_true_edges"] / (len(candidates) * (len(names) - 1))
     assert all(np.isclose(row["auprc"] / row["auprc_ratio"], share) for row in rows)
     assert 0.5 < by["random (mean of 20)"]["auprc_ratio"] < 2.0
-    # known regulons are co-expressed in real PBMCs: correlation finds them well above chance
+    # known regulons are co-expressed in real PBMCs: correlation and GRNBoost2 find them well above chance
     assert by["|Pearson|"]["auprc_ratio"] > 2.0 and by["|Spearman|"]["auprc_ratio"] > 2.0
-    assert by["GRNBoost2 (arboreto)"]["auprc_ratio"] > 1.0
+    assert by["GRNBoost2 (arboreto)"]["auprc_ratio"] > 2.0
     assert np.isfinite(by["scfm cosine"]["auprc"]) and by["scfm cosine"]["seconds"] > 0
 
     modules, modules_info = bench.evaluate_modules(
