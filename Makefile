@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 DEMO_OUT ?= demo_out
+# Nextflow's runtime from Maven Central (scripts/install-nextflow), put first on PATH for the tests
+NXF_RUNTIME ?= .nextflow-runtime
+NEXTFLOW     = $(NXF_RUNTIME)/bin/nextflow
+TEST_PATH    = $(CURDIR)/$(BIN):$(CURDIR)/bin:$(CURDIR)/$(NXF_RUNTIME)/bin:$$PATH
 
-.PHONY: demo test test-fast lint-nf bench lock clean go
+.PHONY: demo test test-fast lint-nf nextflow bench lock clean go
 .DEFAULT_GOAL := demo
 
 $(BIN)/.installed: pyproject.toml requirements.lock
@@ -19,11 +23,16 @@ $(BIN)/.installed: pyproject.toml requirements.lock
 demo: $(BIN)/.installed  ## set up, then run QC -> align -> pretrain -> fine-tune -> embed -> annotate -> report
 	$(BIN)/scfm demo -o $(DEMO_OUT)
 
-test: $(BIN)/.installed  ## the whole test suite (what CI runs)
-	PATH="$(CURDIR)/$(BIN):$(CURDIR)/bin:$$PATH" $(BIN)/pytest
+nextflow: $(NEXTFLOW)  ## Nextflow from Maven Central, checked against scripts/nextflow/SHA256SUMS
 
-test-fast: $(BIN)/.installed
-	PATH="$(CURDIR)/$(BIN):$(CURDIR)/bin:$$PATH" $(BIN)/pytest -m "not slow"
+$(NEXTFLOW): scripts/install-nextflow scripts/nextflow/pom.xml scripts/nextflow/SHA256SUMS scripts/nextflow/nextflow
+	scripts/install-nextflow $(NXF_RUNTIME)
+
+test: $(BIN)/.installed $(NEXTFLOW)  ## the whole test suite (what CI runs), real Nextflow runs included
+	PATH="$(TEST_PATH)" $(BIN)/pytest
+
+test-fast: $(BIN)/.installed $(NEXTFLOW)
+	PATH="$(TEST_PATH)" $(BIN)/pytest -m "not slow"
 
 lint-nf: $(BIN)/.installed  ## the Nextflow language-server lint alone (needs Java 17)
 	$(BIN)/pytest tests/pipeline/test_nf_lint.py
@@ -41,4 +50,4 @@ lock: $(BIN)/.installed  ## rewrite requirements.lock from the current environme
 	mv requirements.lock.tmp requirements.lock
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) $(NXF_RUNTIME) .pytest_cache

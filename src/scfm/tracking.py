@@ -1,12 +1,16 @@
 """The only module that talks to MLflow.
 
-Every step opens one run with :func:`step_run`. Runs nest under a pipeline's parent run when
-``SCFM_MLFLOW_PARENT_RUN_ID`` is set (Nextflow sets it). The default store is an SQLite file in the
-step's output directory; ``--mlflow-uri`` or ``MLFLOW_TRACKING_URI`` point elsewhere (a server).
+Every step opens one run with :func:`step_run`. Runs nest under a parent run: the one named by
+``SCFM_MLFLOW_PARENT_RUN_ID``, or, in the Nextflow pipeline, the one tagged with the session id in
+``SCFM_PIPELINE_SESSION`` (created once per session; ``-resume`` keeps the session). The default
+store is an SQLite file in the step's output directory; ``--mlflow-uri`` or ``MLFLOW_TRACKING_URI``
+point elsewhere (a server).
 
 Concurrency: many pipeline tasks log into one store at once. Creating an SQLite store runs schema
 migrations, which race when several processes open a fresh file together, so creation happens under
-an exclusive file lock; afterwards every write is retried on transient "database is locked" errors.
+an exclusive file lock; afterwards every write is retried on transient "database is locked" errors
+for up to ``SCFM_MLFLOW_RETRY_SECONDS`` (default 300). SQLite suits tens of concurrent writers on a
+file system with working POSIX locks; beyond that, use a tracking server.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 from scfm.errors import ScfmError
 
 PARENT_ENV = "SCFM_MLFLOW_PARENT_RUN_ID"
+SESSION_ENV = "SCFM_PIPELINE_SESSION"
+RETRY_ENV = "SCFM_MLFLOW_RETRY_SECONDS"
+DEFAULT_RETRY_SECONDS = 300.0
 DEFAULT_EXPERIMENT = "scfm"
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
 _T = TypeVar("_T")
@@ -46,18 +53,33 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):])
 
 
-def _retry(fn: Callable[[], _T], attempts: int = 12) -> _T:
+def retry_seconds() -> float:
+    """How long transient store errors are retried: ``SCFM_MLFLOW_RETRY_SECONDS`` or 300."""
+    text = os.environ.get(RETRY_ENV, "")
+    try:
+        value = float(text) if text else DEFAULT_RETRY_SECONDS
+    except ValueError:
+        raise ScfmError(f"{RETRY_ENV}={text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise ScfmError(f"{RETRY_ENV}={text!r} must be a finite number of seconds >= 0")
+    return value
+
+
+def _retry(fn: Callable[[], _T], window: float | None = None) -> _T:
     """Run an MLflow call, retrying transient lock/connection errors with jittered backoff."""
-    for attempt in range(attempts):
+    deadline = time.monotonic() + (retry_seconds() if window is None else window)
+    attempt = 0
+    while True:
         try:
             return fn()
         except Exception as exc:  # MLflow wraps SQLAlchemy/HTTP errors in several types
             text = str(exc).lower()
             transient = any(s in text for s in ("locked", "busy", "connection", "timed out", "temporarily"))
-            if not transient or attempt == attempts - 1:
+            pause = min(5.0, 0.05 * 2**attempt) * (0.5 + random.random())
+            if not transient or time.monotonic() + pause > deadline:
                 raise
-            time.sleep(min(5.0, 0.05 * 2**attempt) * (0.5 + random.random()))
-    raise AssertionError("unreachable")
+            time.sleep(pause)
+            attempt += 1
 
 
 def _client(uri: str):
@@ -66,20 +88,28 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Exclusive lock next to an SQLite store (creating its folder); nothing for a server."""
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def ensure_store(uri: str, experiment: str = DEFAULT_EXPERIMENT) -> str:
     """Create the store (for SQLite, under a lock) and the experiment; return the experiment id."""
     db = sqlite_path(uri)
-    if db is None:
-        return _retry(lambda: _get_or_create_experiment(_client(uri), experiment, None))
-    db.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = db.with_name(db.name + ".lock")
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            artifacts = (db.parent / "mlartifacts").resolve().as_uri()
-            return _retry(lambda: _get_or_create_experiment(_client(uri), experiment, artifacts))
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    artifacts = (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
+    with store_lock(uri):
+        return _retry(lambda: _get_or_create_experiment(_client(uri), experiment, artifacts))
 
 
 def _get_or_create_experiment(client, name: str, artifact_location: str | None) -> str:
@@ -191,7 +221,7 @@ def step_run(
         raise ScfmError(f"cannot open the MLflow store: {exc}", uri) from exc
     client = _client(uri)
     all_tags = {"scfm.step": step, "scfm.version": __version__}
-    parent = os.environ.get(PARENT_ENV)
+    parent = current_parent_run_id(uri, experiment)
     if parent:
         parent_run = _retry(lambda: client.get_run(parent))
         experiment_id = parent_run.info.experiment_id
@@ -215,23 +245,52 @@ def step_run(
     _retry(lambda: client.set_terminated(handle.run_id, "FINISHED"))
 
 
-def ensure_parent_run(uri: str, run_name: str, session_id: str, experiment: str = DEFAULT_EXPERIMENT) -> str:
+def _pipeline_query(session_id: str) -> str:
+    return f"tags.`scfm.session_id` = '{session_id}' and tags.`scfm.step` = 'pipeline'"
+
+
+def ensure_parent_run(
+    uri: str, run_name: str | None, session_id: str, experiment: str = DEFAULT_EXPERIMENT
+) -> str:
     """Return the pipeline's parent run for ``session_id``, creating it once.
 
     Keyed on the Nextflow session id, which ``-resume`` keeps: a resumed pipeline logs into the
-    run it started with instead of opening a duplicate.
+    run it started with instead of opening a duplicate. Lookup and creation happen under the store's
+    lock, so steps that find a new store create one parent between them, not one each.
     """
     experiment_id = ensure_store(uri, experiment)
     client = _client(uri)
-    query = f"tags.`scfm.session_id` = '{session_id}' and tags.`scfm.step` = 'pipeline'"
-    existing = _retry(lambda: client.search_runs([experiment_id], filter_string=query, max_results=1))
-    if existing:
-        return existing[0].info.run_id
-    run = _retry(
-        lambda: client.create_run(
-            experiment_id,
-            run_name=run_name,
-            tags={"scfm.step": "pipeline", "scfm.session_id": session_id, "scfm.run_name": run_name},
+    with store_lock(uri):
+        existing = _retry(
+            lambda: client.search_runs([experiment_id], filter_string=_pipeline_query(session_id), max_results=1)
         )
-    )
+        if existing:
+            return existing[0].info.run_id
+        name = run_name or f"pipeline-{session_id[:8]}"
+        run = _retry(
+            lambda: client.create_run(
+                experiment_id,
+                run_name=name,
+                tags={"scfm.step": "pipeline", "scfm.session_id": session_id, "scfm.run_name": name},
+            )
+        )
     return run.info.run_id
+
+
+def current_parent_run_id(uri: str, experiment: str = DEFAULT_EXPERIMENT) -> str | None:
+    """The parent run this process logs under: ``SCFM_MLFLOW_PARENT_RUN_ID``, else the pipeline
+    session's run (``SCFM_PIPELINE_SESSION``), else none."""
+    if os.environ.get(PARENT_ENV):
+        return os.environ[PARENT_ENV]
+    session_id = os.environ.get(SESSION_ENV)
+    if session_id:
+        return ensure_parent_run(uri, None, session_id, experiment)
+    return None
+
+
+def finish_parent_run(uri: str, session_id: str, status: str = "FINISHED", experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """End the parent run of ``session_id`` with ``status``; return its id."""
+    run_id = ensure_parent_run(uri, None, session_id, experiment)
+    client = _client(uri)
+    _retry(lambda: client.set_terminated(run_id, status))
+    return run_id

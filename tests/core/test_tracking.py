@@ -9,6 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from scfm import tracking
+from scfm.errors import ScfmError
 
 N_WRITERS = 6
 N_STEPS = 25
@@ -110,3 +111,66 @@ def test_concurrent_writers_to_one_server_lose_nothing(mlflow_server):
     parent = tracking.ensure_parent_run(mlflow_server, "pipeline", "session-9")
     _run_writers_at_once(mlflow_server, parent=parent)
     _assert_every_write_landed(mlflow_server, parent=parent)
+
+
+def _log_under_session(uri: str, index: int, session: str) -> None:
+    os.environ[tracking.SESSION_ENV] = session
+    with tracking.step_run("writer", uri=uri, run_name=f"writer-{index}") as run:
+        run.log_metrics({"index": index})
+
+
+@pytest.mark.slow
+def test_steps_of_a_session_find_or_create_one_parent_in_a_fresh_store(tmp_path):
+    """A pipeline's steps get only the session id; racing into a store without the parent run, they
+    create it once between them (a new --outdir after -resume)."""
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_log_under_session, args=(uri, i, "session-x")) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert [p.exitcode for p in procs] == [0] * 4
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+    parents = client.search_runs([experiment.experiment_id], filter_string="tags.`scfm.step` = 'pipeline'")
+    assert len(parents) == 1 and parents[0].data.tags["scfm.session_id"] == "session-x"
+    children = client.search_runs([experiment.experiment_id], filter_string="tags.`scfm.step` = 'writer'")
+    assert len(children) == 4
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+
+
+def test_an_explicit_parent_run_wins_over_the_session(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    explicit = tracking.ensure_parent_run(uri, "demo", "session-a")
+    monkeypatch.setenv(tracking.SESSION_ENV, "session-b")
+    monkeypatch.setenv(tracking.PARENT_ENV, explicit)
+    assert tracking.current_parent_run_id(uri) == explicit
+    monkeypatch.delenv(tracking.PARENT_ENV)
+    assert tracking.current_parent_run_id(uri) == tracking.ensure_parent_run(uri, None, "session-b") != explicit
+
+
+def test_mlflow_finish_ends_the_sessions_parent_run(tmp_path, scfm_bin):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = scfm_bin("mlflow-init", "--session-id", "s1", env={"MLFLOW_TRACKING_URI": uri}).stdout.strip()
+    assert MlflowClient(uri).get_run(parent).info.status == "RUNNING"
+    ended = scfm_bin("mlflow-finish", "--session-id", "s1", "--mlflow-uri", uri).stdout.strip()
+    assert ended == parent and MlflowClient(uri).get_run(parent).info.status == "FINISHED"
+    missing = scfm_bin("mlflow-finish", "--session-id", "s1", check=False, env={"MLFLOW_TRACKING_URI": ""})
+    assert missing.returncode == 2 and missing.stderr.strip().startswith("error:")
+
+
+def test_retry_window_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv(tracking.RETRY_ENV, "0")
+    calls = []
+
+    def locked():
+        calls.append(1)
+        raise RuntimeError("database is locked")
+
+    with pytest.raises(RuntimeError, match="locked"):
+        tracking._retry(locked)
+    assert len(calls) == 1  # no time to retry
+    monkeypatch.setenv(tracking.RETRY_ENV, "soon")
+    with pytest.raises(ScfmError, match="SCFM_MLFLOW_RETRY_SECONDS"):
+        tracking.retry_seconds()

@@ -1,12 +1,11 @@
 """Read the pipeline's Nextflow files the way the tests need: process scripts, their scfm call, ext.args.
 
-Shared by the contract test (flags exist) and the chain test (the same command lines run for real).
+Used by the contract test (every flag a process passes exists on the command it calls).
 """
 
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,42 +76,3 @@ def command_words(shell: str) -> list[str]:
     # a word: quoted strings, ${groovy expressions} (which may hold spaces) and other characters, glued
     return re.findall(r"(?:\$\{[^}]*\}|'[^']*'|\"[^\"]*\"|[^\s'\"$]|\$)+", line)
 
-
-
-
-def module_process(step: str) -> Process:
-    return parse_process(REPO / "modules" / "local" / step / "main.nf")
-
-
-def render_command(process: Process, values: dict[str, object], params: dict[str, object]) -> list[str]:
-    """The process's scfm command line with its Groovy expressions filled in, split like a shell would.
-
-    ``${params.x}`` comes from ``params``; every other ``${expr}`` must be in ``values`` (a KeyError
-    means the module changed and the caller must say what the new expression holds). Shell variables
-    (``\\${name}`` in the module) are filled from ``values`` too.
-    """
-    line = " ".join(command_words(process.shell)).replace("\\${", "${")
-    return shlex.split(re.sub(r"\$\{([^}]*)\}", _groovy_filler(values, params), line))
-
-
-def _groovy_filler(values: dict[str, object], params: dict[str, object]):
-    """re.sub callback: the value of the ``${expr}`` matched, from ``params`` or ``values``, as Groovy prints it."""
-    def fill(match: re.Match) -> str:
-        expr = match.group(1)
-        value = params[expr[len("params."):]] if expr.startswith("params.") else values[expr]
-        if isinstance(value, bool):
-            return str(value).lower()
-        return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
-    return fill
-
-
-def render_script(process: Process, values: dict[str, object], params: dict[str, object]) -> str:
-    """The process's whole shell script (without the versions.yml heredoc), as the task would run it.
-
-    Groovy's ``${expr}`` are filled like :func:`render_command` does; ``\\$`` becomes ``$`` and ``\\\\`` before a
-    line end a shell line continuation.
-    """
-    script = re.sub(r"(?<!\\)\$\{([^}]*)\}", _groovy_filler(values, params), process.shell)
-    script = re.sub(r"\\\\\s*\n", " ", script)  # Groovy's "\\" + newline: a shell line continuation
-    return script.replace("\\$", "$")

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 MODULES = sorted((REPO / "modules" / "local").glob("*/main.nf"))
 
 # flags of the launchers wrapped around scfm-pretrain, not of scfm itself
-LAUNCHER_FLAGS = {"--standalone", "--nnodes", "--nproc_per_node", "--no-python", "--kill-on-bad-exit"}
+LAUNCHER_FLAGS = {"--standalone", "--nnodes", "--nproc_per_node", "--no-python", "--kill-on-bad-exit", "--nv", "-B", "--pwd"}
 STEP_FLAGS = {"--seed", "--quiet"}  # every step passes these; --mlflow-uri comes from MLFLOW_TRACKING_URI
 
 
@@ -129,7 +129,7 @@ def test_positional_arguments_match_arity(process):
         assert not any(".join(" in word for word in given), f"{process.module}: a list passed to {arguments}"
 
 
-@pytest.mark.parametrize("process", [p for p in PROCESSES if p.name != "MLFLOW_INIT"], ids=lambda p: p.name)
+@pytest.mark.parametrize("process", [p for p in PROCESSES if not p.name.startswith("MLFLOW_")], ids=lambda p: p.name)
 def test_every_step_passes_seed_and_quiet(process):
     assert STEP_FLAGS <= shell_flags(command_words(process.shell))
 
@@ -203,7 +203,7 @@ def test_schema_is_valid_draft_2020_12():
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     jsonschema.Draft202012Validator.check_schema(schema)
     defaults = {name: spec["default"] for name, spec in schema_params().items() if "default" in spec}
-    jsonschema.Draft202012Validator(schema).validate({**defaults, "input": "samplesheet.csv"})
+    jsonschema.Draft202012Validator(schema).validate({**defaults, "input": "samplesheet.csv", "outdir": "results"})
 
 
 def test_contract_catches_drift(tmp_path):

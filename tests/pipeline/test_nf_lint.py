@@ -17,17 +17,13 @@ SETTINGS = {
 }
 
 # Warnings we accept, each with the reason. Keyed on (file relative to the repo, message).
-ALLOWED_WARNINGS = {
-    ("nextflow.config", "Unrecognized config option 'validation.help.enabled'"):
-        "the `validation` scope belongs to the nf-schema plugin, whose spec the server cannot download offline",
-    ("nextflow.config", "Unrecognized config option 'validation.help.command'"):
-        "the `validation` scope belongs to the nf-schema plugin, whose spec the server cannot download offline",
-}
+ALLOWED_WARNINGS: dict[tuple[str, str], str] = {}
 
 
 def pipeline_files() -> list[Path]:
     files = [REPO / "main.nf", REPO / "nextflow.config"]
     files += sorted((REPO / "workflows").glob("*.nf"))
+    files += sorted((REPO / "subworkflows").rglob("*.nf"))
     files += sorted((REPO / "modules").rglob("*.nf"))
     files += sorted((REPO / "conf").glob("*.config"))
     return files

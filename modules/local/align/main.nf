@@ -7,8 +7,9 @@ process ALIGN {
     input:
     tuple val(meta), path(h5ad)
     path vocab
+    path aliases, stageAs: 'aliases/*'
     val write_shards
-    tuple env('MLFLOW_TRACKING_URI'), env('SCFM_MLFLOW_PARENT_RUN_ID')
+    env('SCFM_PIPELINE_SESSION')
 
     output:
     tuple val(meta), path("${prefix}.aligned.h5ad"), emit: h5ad
@@ -19,14 +20,14 @@ process ALIGN {
     script:
     def args = task.ext.args ?: ''
     prefix = task.ext.prefix ?: "${meta.id}"
-    def shards = write_shards ? "--shards-dir '${prefix}.shards'" : ''
-    def aliases = params.aliases ? "--aliases '${params.aliases}'" : ''
+    def shard_flag = write_shards ? "--shards-dir '${task.ext.prefix ?: meta.id}.shards'" : ''
+    def alias_flag = aliases ? "--aliases '${aliases}'" : ''
     """
     scfm-align '${h5ad}' \\
         -o '${prefix}.aligned.h5ad' \\
         --vocab '${vocab}' \\
-        ${aliases} \\
-        ${shards} \\
+        ${alias_flag} \\
+        ${shard_flag} \\
         --min-coverage ${params.min_coverage} \\
         --coverage-json '${prefix}.coverage.json' \\
         --seed ${params.seed} \\
@@ -37,7 +38,7 @@ process ALIGN {
     "${task.process}":
         scfm: \$(scfm --version | sed 's/.* //')
         python: \$(python3 --version | sed 's/Python //')
-        torch: \$(python3 -c 'import torch; print(torch.__version__)')
+        torch: \$(python3 -c 'from importlib.metadata import version; print(version("torch"))')
     END_VERSIONS
     """
 

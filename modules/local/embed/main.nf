@@ -7,7 +7,7 @@ process EMBED {
     tuple val(meta), path(h5ad)
     path checkpoint, stageAs: 'model/*'
     path vocab
-    tuple env('MLFLOW_TRACKING_URI'), env('SCFM_MLFLOW_PARENT_RUN_ID')
+    env('SCFM_PIPELINE_SESSION')
 
     output:
     tuple val(meta), path("${prefix}.embedded.h5ad"), emit: h5ad
@@ -38,7 +38,7 @@ process EMBED {
     "${task.process}":
         scfm: \$(scfm --version | sed 's/.* //')
         python: \$(python3 --version | sed 's/Python //')
-        torch: \$(python3 -c 'import torch; print(torch.__version__)')
+        torch: \$(python3 -c 'from importlib.metadata import version; print(version("torch"))')
     END_VERSIONS
     """
 

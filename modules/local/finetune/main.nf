@@ -10,7 +10,7 @@ process FINETUNE {
     path checkpoint, stageAs: 'base/*'
     path vocab
     val label_key
-    tuple env('MLFLOW_TRACKING_URI'), env('SCFM_MLFLOW_PARENT_RUN_ID')
+    env('SCFM_PIPELINE_SESSION')
 
     output:
     path 'classifier', emit: classifier
@@ -39,7 +39,7 @@ process FINETUNE {
     "${task.process}":
         scfm: \$(scfm --version | sed 's/.* //')
         python: \$(python3 --version | sed 's/Python //')
-        torch: \$(python3 -c 'import torch; print(torch.__version__)')
+        torch: \$(python3 -c 'from importlib.metadata import version; print(version("torch"))')
     END_VERSIONS
     """
 

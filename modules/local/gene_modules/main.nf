@@ -1,14 +1,15 @@
 // Gene modules of one sample's cells: mean decoder gene embeddings, Leiden modules, scores per cell, GO enrichment.
+// The result directory is published under genes/ and shown as a section of the all-samples report.
 process GENE_MODULES {
     tag "${meta.id}"
     label 'process_gpu'
 
     input:
     tuple val(meta), path(h5ad)
-    path checkpoint, stageAs: 'model/*'
+    path checkpoint, stageAs: 'base/*'
     path vocab
     path go_db, stageAs: 'go/*'
-    tuple env('MLFLOW_TRACKING_URI'), env('SCFM_MLFLOW_PARENT_RUN_ID')
+    env('SCFM_PIPELINE_SESSION')
 
     output:
     tuple val(meta), path("${prefix}.genes"), emit: dir
@@ -20,15 +21,14 @@ process GENE_MODULES {
     def device = task.accelerator ? 'cuda' : 'auto'
     // without --go_db the modules are found and scored, not tested for GO terms
     def enrichment = go_db ? "--go-db '${go_db}'" : '--no-enrichment'
-    def groupby = params.gene_modules_groupby ? "--groupby '${params.gene_modules_groupby}'" : ''
+    // gene embeddings come from the decoder: an official .ckpt's `gene` model (ignored for a directory)
     """
     scfm-genes modules '${h5ad}' \\
         -o '${prefix}.genes' \\
         --checkpoint '${checkpoint}' \\
         --vocab '${vocab}' \\
-        ${groupby} \\
+        --version gene \\
         ${enrichment} \\
-        --resolution ${params.gene_modules_resolution} \\
         --device ${device} \\
         --precision ${params.precision} \\
         --seed ${params.seed} \\
@@ -39,7 +39,7 @@ process GENE_MODULES {
     "${task.process}":
         scfm: \$(scfm --version | sed 's/.* //')
         python: \$(python3 --version | sed 's/Python //')
-        torch: \$(python3 -c 'import torch; print(torch.__version__)')
+        torch: \$(python3 -c 'from importlib.metadata import version; print(version("torch"))')
     END_VERSIONS
     """
 
@@ -47,6 +47,6 @@ process GENE_MODULES {
     prefix = task.ext.prefix ?: "${meta.id}"
     """
     mkdir '${prefix}.genes'
-    touch versions.yml
+    touch '${prefix}.genes/gene_modules.tsv' '${prefix}.genes/gene_embeddings.h5ad' '${prefix}.genes/summary.json' versions.yml
     """
 }

@@ -1,4 +1,5 @@
-// TF -> target edges of one sample, ranked by the similarity of the gene embeddings GENE_MODULES wrote.
+// TF -> target edges of one sample, ranked by the similarity of the gene embeddings GENE_MODULES wrote
+// (--tf_list), published under genes/ as pySCENIC-style adjacencies.
 process GENE_NETWORK {
     tag "${meta.id}"
     label 'process_low'
@@ -6,7 +7,7 @@ process GENE_NETWORK {
     input:
     tuple val(meta), path(genes, stageAs: 'genes/*')
     path tf_list
-    tuple env('MLFLOW_TRACKING_URI'), env('SCFM_MLFLOW_PARENT_RUN_ID')
+    env('SCFM_PIPELINE_SESSION')
 
     output:
     tuple val(meta), path("${prefix}.adjacencies.tsv"), emit: edges
@@ -19,7 +20,6 @@ process GENE_NETWORK {
     scfm-genes network '${genes}/gene_embeddings.h5ad' \\
         -o '${prefix}.adjacencies.tsv' \\
         --tf-list '${tf_list}' \\
-        --top-targets ${params.gene_network_top_targets} \\
         --seed ${params.seed} \\
         --quiet \\
         ${args}

@@ -1,40 +1,35 @@
 // Creates the MLflow store and the pipeline's parent run before any parallel step logs into it.
-// `scfm-mlflow-init` is idempotent per Nextflow session id, which `-resume` keeps: a resumed
-// pipeline gets the same parent run id back, so the inputs (and cache keys) of every cached task
-// are unchanged and nothing is re-run or logged twice.
+//
+// The store is MLFLOW_TRACKING_URI, exported to every task by nextflow.config. Neither the store nor
+// the parent run id is an input of any task (they would be part of every cache key, so a new
+// --outdir or store would re-run everything): tasks get the Nextflow session id, which -resume
+// keeps, and each step finds the parent run tagged with it, creating it under the store's lock if the
+// store is new. This task is cached like any other, so a -resume of a finished run executes nothing.
 process MLFLOW_INIT {
-    tag "${run_name}"
+    tag "${session_id}"
     label 'process_single'
-    // always re-run: it is cheap, and it recreates the parent run when the store has been removed
-    cache false
 
     input:
-    val mlflow_uri
-    val run_name
     val session_id
 
     output:
-    tuple val(mlflow_uri), env('PARENT_RUN_ID'), emit: tracking
+    val session_id, emit: session
     path 'versions.yml', emit: versions
 
     script:
     """
-    PARENT_RUN_ID=\$(scfm-mlflow-init \\
-        --mlflow-uri '${mlflow_uri}' \\
-        --run-name '${run_name}' \\
-        --session-id '${session_id}' | tail -n 1)
+    scfm-mlflow-init --session-id '${session_id}'
 
     cat <<-END_VERSIONS > versions.yml
     "${task.process}":
         scfm: \$(scfm --version | sed 's/.* //')
         python: \$(python3 --version | sed 's/Python //')
-        torch: \$(python3 -c 'import torch; print(torch.__version__)')
+        mlflow: \$(python3 -c 'from importlib.metadata import version; print(version("mlflow"))')
     END_VERSIONS
     """
 
     stub:
     """
-    PARENT_RUN_ID=stub-parent-run
     touch versions.yml
     """
 }

@@ -2,7 +2,9 @@
 //
 // All GPUs of one task train together: with `accelerator N` (conf/gpu.config, --pretrain_gpus) the
 // command runs under `torchrun --nproc_per_node N`. With --pretrain_nodes > 1 (Slurm only, see
-// conf/slurm.config) the job spans several nodes and `srun` starts one rank per GPU instead.
+// conf/slurm.config) the job spans several nodes and `srun` starts one rank per GPU instead; the task
+// script then runs outside the container (the image has no Slurm client) and srun starts every rank in
+// the image with apptainer/singularity when one of them is the container engine.
 //
 // The run directory (ZeRO checkpoints, logs) lives outside the work directory, under
 // --pretrain_runs_dir (default <outdir>/pretrain/runs), in a folder named after what the run's math
@@ -18,12 +20,14 @@ process PRETRAIN {
     path shards, stageAs: 'shards/*', arity: '1..*'
     path vocab
     path init_checkpoint, stageAs: 'init/*'
-    tuple env('MLFLOW_TRACKING_URI'), env('SCFM_MLFLOW_PARENT_RUN_ID')
+    path deepspeed_config, stageAs: 'deepspeed/*'
+    env('SCFM_PIPELINE_SESSION')
 
     output:
-    // a link to the run directory (ZeRO checkpoints for --resume, logs, curves) and the final model in it
+    // links to the run directory (ZeRO checkpoints for --resume, logs, curves) and to the final model in it
+    // (Nextflow would publish only the enclosing folder of a path inside another output)
     path 'pretrain_run', emit: run
-    path 'pretrain_run/model', emit: checkpoint
+    path 'model', emit: checkpoint
     path 'versions.yml', emit: versions
 
     script:
@@ -31,22 +35,24 @@ process PRETRAIN {
     def gpus = task.accelerator ? task.accelerator.request as int : 0
     def launcher = ''
     if (params.pretrain_nodes > 1) {
-        launcher = 'srun --kill-on-bad-exit=1'
+        def engine = workflow.containerEngine
+        def binds = (params.container_mounts ? params.container_mounts.tokenize(',') : []).collect { dir -> "-B '${dir}'" }.join(' ')
+        def in_image = engine ? "${engine} exec --nv ${binds} -B \"\$PWD\" --pwd \"\$PWD\" '${params.container}'" : ''
+        launcher = "srun --kill-on-bad-exit=1 ${in_image}"
     }
     else if (gpus > 1) {
         launcher = "torchrun --standalone --nnodes 1 --nproc_per_node ${gpus} --no-python"
     }
     def shard_flags = shards.collect { dir -> "--shards '${dir}'" }.join(' ')
     def init = init_checkpoint ? "--init-checkpoint '${init_checkpoint}'" : ''
-    def ds_config = params.deepspeed_config ? "--deepspeed-config '${params.deepspeed_config}'" : ''
-    // absolute: the task runs in its own work directory (a shared file system, not object storage)
-    def runs_dir = file(params.pretrain_runs_dir ?: "${params.outdir}/pretrain/runs").toAbsolutePath()
-    def identity = [params.model_preset, init_checkpoint ?: '', params.zero_stage, params.deepspeed_config ?: '',
+    def ds_config = deepspeed_config ? "--deepspeed-config '${deepspeed_config}'" : ''
+    def identity = [params.model_preset, init_checkpoint ?: '', params.zero_stage, deepspeed_config ? deepspeed_config.name : '',
                     params.micro_batch_size, params.grad_accum, params.seed, gpus, params.pretrain_nodes, args].join(' ').replace("'", '')
     """
-    run_key=\$( { stat -L -c '%n %s' shards/*/*; cat '${vocab}'; echo '${identity}'; } | sha256sum | cut -c1-16 )
-    run_dir='${runs_dir}'/\${run_key}
-    mkdir -p '${runs_dir}'
+    # SCFM_PRETRAIN_RUNS_DIR: --pretrain_runs_dir, absolute (nextflow.config); not part of the cache key
+    run_key=\$( { stat -L -c '%n %s' shards/*/*; cat '${vocab}' ${deepspeed_config ?: ''}; echo '${identity}'; } | sha256sum | cut -c1-16 )
+    run_dir="\${SCFM_PRETRAIN_RUNS_DIR:?}/\${run_key}"
+    mkdir -p "\${SCFM_PRETRAIN_RUNS_DIR}"
     status=0
     ${launcher} scfm-pretrain \\
         ${shard_flags} \\
@@ -71,13 +77,14 @@ process PRETRAIN {
     fi
     [ \$status -eq 0 ] || exit \$status
     ln -sfn "\${run_dir}" pretrain_run
+    ln -sfn "\${run_dir}/model" model
 
     cat <<-END_VERSIONS > versions.yml
     "${task.process}":
         scfm: \$(scfm --version | sed 's/.* //')
         python: \$(python3 --version | sed 's/Python //')
-        torch: \$(python3 -c 'import torch; print(torch.__version__)')
-        deepspeed: \$(python3 -c 'import deepspeed; print(deepspeed.__version__)' 2>/dev/null)
+        torch: \$(python3 -c 'from importlib.metadata import version; print(version("torch"))')
+        deepspeed: \$(python3 -c 'from importlib.metadata import version; print(version("deepspeed"))')
     END_VERSIONS
     """
 
@@ -85,5 +92,6 @@ process PRETRAIN {
     """
     mkdir -p pretrain_run/model
     touch pretrain_run/model/config.json pretrain_run/model/model.safetensors pretrain_run/model/vocab.tsv versions.yml
+    ln -s pretrain_run/model model
     """
 }

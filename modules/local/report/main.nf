@@ -5,8 +5,9 @@ process REPORT {
 
     input:
     tuple val(name), path(h5ads, stageAs: 'inputs/*', arity: '1..*'), path(qc_summaries, stageAs: 'qc/*', arity: '1..*')
+    path perturbation, stageAs: 'perturb/*'
     path gene_modules, stageAs: 'gene_modules/*', arity: '0..*'
-    tuple env('MLFLOW_TRACKING_URI'), env('SCFM_MLFLOW_PARENT_RUN_ID')
+    env('SCFM_PIPELINE_SESSION')
 
     output:
     tuple val(name), path("${name}.report.html"), emit: html
@@ -19,6 +20,7 @@ process REPORT {
     // samples gets a report that says so instead of failing the run
     def label = params.report_label_key ? "--label-key '${params.report_label_key}' --labels-optional" : ''
     def qc = qc_summaries.collect { summary -> "--qc-json '${summary}'" }.join(' ')
+    def perturb = perturbation ? "--perturbation '${perturbation}'" : ''
     // GENE_MODULES result directories (none unless --gene_modules): one report section each
     def genes = gene_modules.collect { dir -> "--gene-modules '${dir}'" }.join(' ')
     """
@@ -27,6 +29,7 @@ process REPORT {
         -o '${name}.report.html' \\
         ${label} \\
         ${qc} \\
+        ${perturb} \\
         ${genes} \\
         --batch-key ${params.batch_key} \\
         --metrics-json '${name}.metrics.json' \\
@@ -38,7 +41,7 @@ process REPORT {
     "${task.process}":
         scfm: \$(scfm --version | sed 's/.* //')
         python: \$(python3 --version | sed 's/Python //')
-        torch: \$(python3 -c 'import torch; print(torch.__version__)')
+        torch: \$(python3 -c 'from importlib.metadata import version; print(version("torch"))')
     END_VERSIONS
     """
 

@@ -5,7 +5,7 @@ process VOCAB_BUILD {
 
     input:
     path h5ads, stageAs: 'qc/*', arity: '1..*'
-    tuple env('MLFLOW_TRACKING_URI'), env('SCFM_MLFLOW_PARENT_RUN_ID')
+    env('SCFM_PIPELINE_SESSION')
 
     output:
     path 'vocab.tsv', emit: vocab
@@ -26,7 +26,7 @@ process VOCAB_BUILD {
     "${task.process}":
         scfm: \$(scfm --version | sed 's/.* //')
         python: \$(python3 --version | sed 's/Python //')
-        torch: \$(python3 -c 'import torch; print(torch.__version__)')
+        torch: \$(python3 -c 'from importlib.metadata import version; print(version("torch"))')
     END_VERSIONS
     """
 

@@ -33,9 +33,9 @@ def cli() -> None:
 
 def _register() -> None:
     # imported here so that `scfm --help` stays fast and each area owns its own module
-    from scfm.cli import align, downstream, genes, model, qc, tracking, train
+    from scfm.cli import align, downstream, drug, genes, model, perturb, qc, tracking, train
 
-    for module in (qc, align, model, train, downstream, genes, tracking):
+    for module in (qc, align, model, train, downstream, genes, perturb, tracking, drug):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -120,11 +120,13 @@ def enhance(input, output, checkpoint, version, vocab, target_depth, layer, eval
 @click.option("--title", default=None, help="Report title.")
 @click.option("--max-cells", type=click.IntRange(min=100), default=50_000, show_default=True,
               help="Report on a seeded random subset of at most this many cells.")
+@click.option("--perturbation", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Predictor directory of `scfm perturb train --folds K`: adds a perturbation-response section.")
 @click.option("--gene-modules", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Output directory of `scfm genes modules` to add as a section (repeatable).")
 @step_options
 def report(inputs, output, embedding_key, label_key, labels_optional, batch_key, qc_json, run_ids, metrics_json, title,
-           max_cells, gene_modules, mlflow_uri, seed, quiet):
+           max_cells, perturbation, gene_modules, mlflow_uri, seed, quiet):
     """Write one self-contained HTML report (and a metrics JSON) for embedded h5ad INPUTS.
 
     Several INPUTS are concatenated into one combined report; label metrics score the cells that
@@ -144,10 +146,15 @@ def report(inputs, output, embedding_key, label_key, labels_optional, batch_key,
     params = {"inputs": list(inputs), "embedding_key": embedding_key, "label_key": label_key,
               "labels_optional": labels_optional, "batch_key": batch_key, "run_ids": list(run_ids), "max_cells": max_cells, "seed": seed,
               "gene_modules": list(gene_modules)}
+    if perturbation is not None:
+        from scfm.report.perturb import load_result
+
+        load_result(perturbation)  # checked before any work, like the other inputs
+        params["perturbation"] = perturbation
     with tracking.step_run("report", uri=uri, params=params) as run:
         text, result = build_report(
             loaded, embedding_key=embedding_key, label_key=label_key, batch_key=batch_key, qc_json=qc_json,
-            run_ids=run_ids, seed=seed, title=title, max_cells=max_cells, quiet=quiet,
+            run_ids=run_ids, seed=seed, title=title, max_cells=max_cells, quiet=quiet, perturbation=perturbation,
             extra_sections=[(key, name, body) for key, name, body, _ in extra],
         )
         if extra:

@@ -25,6 +25,9 @@ from scfm.cli.common import step_options
               help="T token: t<log10 depth>, f<fold of the cell's depth> or a<log10 added>.")
 @click.option("--pre-normalized", type=click.Choice(["F", "T", "A"]), default="F", show_default=True,
               help="F: raw counts; T: log1p-normalised; A: normalised, raw totals in obs['total_counts'].")
+@click.option("--input-type", type=click.Choice(["singlecell", "bulk"]), default="singlecell", show_default=True,
+              help="bulk: rows are bulk samples, T = S = log10 of the summed normalised values (F: scaled to the "
+                   "input's median total, then log1p) or the plain sum (T); --target-depth is not used.")
 @click.option("--version", "version", type=click.Choice(["ce", "rde", "gene"]), default=None,
               help="Which model of an official .ckpt (default: gene for gene outputs, else ce).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
@@ -39,7 +42,7 @@ from scfm.cli.common import step_options
               help="When aligning: fail if less of the counts fall in vocabulary genes.")
 @step_options
 def embed_command(input_path, output, checkpoint, vocab_path, output_type, pool, target_depth, pre_normalized,
-                  version, batch_size, device, precision, chunk_size, min_coverage, mlflow_uri, seed, quiet):
+                  input_type, version, batch_size, device, precision, chunk_size, min_coverage, mlflow_uri, seed, quiet):
     """Embed INPUT's cells with a checkpoint: obsm['X_scfm'], layers['scfm_expr'] or a .npy."""
     from scfm import tracking
     from scfm.tasks.embed import embed_file
@@ -49,7 +52,8 @@ def embed_command(input_path, output, checkpoint, vocab_path, output_type, pool,
     version = version or ("gene" if output_type != "cell" else "ce")
     params = {"input": str(input_path), "output": str(output), "checkpoint": str(checkpoint),
               "vocab": str(vocab_path), "output_type": output_type, "pool": pool, "target_depth": target_depth,
-              "pre_normalized": pre_normalized, "version": version, "batch_size": str(batch_size),
+              "pre_normalized": pre_normalized, "input_type": input_type, "version": version,
+              "batch_size": str(batch_size),
               "device": device, "precision": precision, "chunk_size": chunk_size, "min_coverage": min_coverage,
               "seed": seed}
     with tracking.step_run("embed", uri=tracking.resolve_uri(mlflow_uri, output.resolve().parent),
@@ -57,7 +61,7 @@ def embed_command(input_path, output, checkpoint, vocab_path, output_type, pool,
         result = embed_file(input_path, output, checkpoint, vocab=vocab_path, output_type=output_type, pool=pool,
                             target_depth=target_depth, pre_normalized=pre_normalized, version=version,
                             batch_size=batch_size, device=device, precision=precision, chunk_size=chunk_size,
-                            min_coverage=min_coverage, quiet=quiet)
+                            min_coverage=min_coverage, quiet=quiet, input_type=input_type)
         run.log_params({"resolved_device": result["device"], "resolved_precision": result["precision"],
                         "vocab_sha256": result["vocab_sha256"]})
         run.log_metrics({"n_cells": result["n_cells"], "seconds": result["seconds"],

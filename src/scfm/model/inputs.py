@@ -17,12 +17,22 @@ Normalisation (``pre_normalized``), as in the released embedding script:
 Unlike the released script, ``T`` and ``S`` are always encoder tokens (it drops any value <= 0, which
 for ``S`` only happens for a cell with a single count); cells with a total <= 0 are rejected.
 
+Bulk input (``input_type="bulk"``), as the released script treats it: ``T = S``, and no target depth.
+
+- ``F``: raw expression -> scanpy's ``normalize_total`` with its default target (the median total of
+  the samples in the input, :func:`bulk_target_sum`), then ``log1p``; ``T = S = log10`` of the sum of
+  the transformed values.
+- ``T``: values are already normalised and log-transformed; ``T = S =`` their plain sum (no log10).
+- ``A`` is not defined for bulk input.
+
 Public helpers:
     EncoderInputs(values, gene_ids, padding_mask)            padded encoder tensors
     PretrainBatch(encoder, decoder_values, decoder_masked, targets)
     build_pretrain_batch(gene_ids, values, masked, target_log_depth, source_log_depth, config)
     normalize_counts(block, *, totals=None, pre_normalized="F") -> (normalised CSR float32, totals)
     depth_tokens(totals, target_depth) -> (T, S)
+    bulk_target_sum(totals) -> float                          the median total, as normalize_total uses
+    normalize_bulk(block, *, target_sum, pre_normalized) -> (normalised CSR float32, T, S)
     encoder_inputs_from_csr(normalised, T, S, config, rows=None) -> EncoderInputs
     decoder_batch_from_csr(normalised, T, S, config, rows=None) -> PretrainBatch (nothing masked)
     length_buckets(n_tokens, batch_size, max_tokens=None) -> list of row-index arrays
@@ -42,6 +52,8 @@ from scfm.errors import ScfmError
 from scfm.model.config import ModelConfig
 
 PRE_NORMALIZED_CHOICES = ("F", "T", "A")
+INPUT_TYPES = ("singlecell", "bulk")
+BULK_PRE_NORMALIZED = ("F", "T")
 _TARGET_DEPTH = re.compile(r"^([tfa])(\d+(?:\.\d+)?)$")
 
 
@@ -195,6 +207,56 @@ def depth_tokens(totals: np.ndarray, target_depth: str = "t4") -> tuple[np.ndarr
     else:
         target = source + number
     return target.astype(np.float32), source.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------- bulk
+def check_input_type(input_type: str, pre_normalized: str) -> None:
+    if input_type not in INPUT_TYPES:
+        raise ScfmError(f"unknown input type {input_type!r} (choose from {', '.join(INPUT_TYPES)})")
+    if input_type == "bulk" and pre_normalized not in BULK_PRE_NORMALIZED:
+        raise ScfmError(f"bulk input takes pre_normalized F (raw expression) or T (normalised and log-transformed), "
+                        f"not {pre_normalized!r}")
+
+
+def bulk_target_sum(totals: np.ndarray) -> float:
+    """scanpy ``normalize_total``'s default target: the median total over samples whose total is positive."""
+    totals = np.asarray(totals, dtype=np.float64).ravel()
+    positive = totals[totals > 0]
+    if positive.size == 0:
+        raise ScfmError("every sample has a total expression <= 0")
+    return float(np.median(positive))
+
+
+def normalize_bulk(block, *, target_sum: float | None = None, pre_normalized: str = "F", row_offset: int = 0
+                   ) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+    """A row block of bulk samples -> (normalised CSR float32, T, S) with ``T = S`` (see the module notes).
+
+    ``target_sum`` (needed for ``F``) is the median total of the whole input, so that a sample's values
+    do not depend on how the input is cut into blocks.
+    """
+    check_input_type("bulk", pre_normalized)
+    csr = _as_csr(block).astype(np.float64)
+    if pre_normalized == "F":
+        if target_sum is None or not target_sum > 0:
+            raise ScfmError("bulk input with pre_normalized F needs the median total of the input (target_sum > 0)")
+        totals = np.asarray(csr.sum(axis=1)).ravel()
+        _refuse_empty(totals, row_offset)
+        # divide by total / target like scanpy does, so that the values agree to the last bit
+        factor = totals / target_sum
+        csr.data = np.log1p(csr.data / np.repeat(factor, np.diff(csr.indptr)))
+        depth = np.log10(np.asarray(csr.sum(axis=1)).ravel())
+    else:
+        depth = np.asarray(csr.sum(axis=1)).ravel()
+        _refuse_empty(depth, row_offset)
+    depth = depth.astype(np.float32)
+    return csr.astype(np.float32), depth, depth.copy()
+
+
+def _refuse_empty(totals: np.ndarray, row_offset: int) -> None:
+    bad = np.flatnonzero(~(totals > 0))
+    if bad.size:
+        raise ScfmError(f"{bad.size} sample(s) have a total expression <= 0 (first: row {int(bad[0]) + row_offset}); "
+                        "remove them first")
 
 
 # ------------------------------------------------------------------------------ from CSR rows

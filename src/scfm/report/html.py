@@ -2,7 +2,8 @@
 
 Sections, always present (with a note saying why when a section has nothing to show):
 summary, QC, metrics (scfm vs a PCA baseline on the same cells), UMAPs side by side, Leiden clusters,
-annotation (confusion matrix), training curves (from linked MLflow runs), parameters and versions.
+annotation (confusion matrix), drug sensitivity (``scfm drug score`` columns, see report/drug.py), training
+curves (from linked MLflow runs), parameters and versions.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pandas as pd
 from scfm.errors import ScfmError
 from scfm.report import metrics as M
 from scfm.report import plots
+from scfm.report.drug import drug_section
 
 PCA_KEY = "X_pca_baseline"
 QC_COLOURS = ("total_counts", "n_genes_by_counts", "pct_counts_mt", "pct_counts_ribo", "doublet_score")
@@ -34,9 +36,12 @@ SECTIONS = (
     ("umap", "UMAP: scfm vs PCA"),
     ("leiden", "Leiden clusters"),
     ("annotation", "Annotation"),
+    ("drug", "Drug sensitivity"),
     ("training", "Training curves"),
     ("provenance", "Parameters and versions"),
 )
+# sections shown only when their input is given (`scfm report --perturbation DIR`)
+OPTIONAL_SECTIONS = (("perturbation", "Perturbation response"),)
 VERSIONED_PACKAGES = ("scfm", "torch", "deepspeed", "scanpy", "anndata", "scikit-learn", "numpy", "mlflow")
 TRAINING_STEPS = ("pretrain", "finetune")
 
@@ -155,15 +160,15 @@ def linked_training_runs(uri: str | None, run_ids: Sequence[str]) -> list[str]:
     """Explicit ``--run-id``s, else the pretrain/fine-tune runs under the current pipeline parent run."""
     if run_ids or not uri:
         return list(run_ids)
-    from scfm.tracking import PARENT_ENV
-
-    parent = os.environ.get(PARENT_ENV)
-    if not parent:
-        return []
     from mlflow.tracking import MlflowClient
+
+    from scfm.tracking import current_parent_run_id
 
     client = MlflowClient(tracking_uri=uri)
     try:
+        parent = current_parent_run_id(uri)
+        if not parent:
+            return []
         experiment_id = client.get_run(parent).info.experiment_id
         found = client.search_runs(
             [experiment_id],
@@ -414,12 +419,13 @@ def package_versions() -> dict[str, str]:
 
 def render(title: str, subtitle: str, bodies: dict[str, str],
            extra_sections: Sequence[tuple[str, str, str]] = ()) -> str:
-    """``extra_sections``: (key, title, body) of optional sections (e.g. gene modules), before the provenance."""
+    """``extra_sections``: (key, title, body) of sections built elsewhere (e.g. gene modules), shown last."""
     template = Template((Path(__file__).parent / "templates" / "report.html").read_text())
-    order = [*SECTIONS[:-1], *((key, name) for key, name, _ in extra_sections), SECTIONS[-1]]
+    shown = [*SECTIONS, *[(key, name) for key, name in OPTIONAL_SECTIONS if key in bodies],
+             *((key, name) for key, name, _ in extra_sections)]
     bodies = {**bodies, **{key: body for key, _, body in extra_sections}}
-    nav = "".join(f'<a href="#section-{key}">{_e(name)}</a>' for key, name in order)
-    sections = "\n".join(section(key, name, bodies[key]) for key, name in order)
+    nav = "".join(f'<a href="#section-{key}">{_e(name)}</a>' for key, name in shown)
+    sections = "\n".join(section(key, name, bodies[key]) for key, name in shown)
     return template.substitute(title=_e(title), subtitle=_e(subtitle), nav=nav, sections=sections)
 
 
@@ -475,9 +481,13 @@ def build_report(
     title: str | None = None,
     max_cells: int | None = 50_000,
     quiet: bool = False,
+    perturbation=None,
     extra_sections: Sequence[tuple[str, str, str]] = (),
 ) -> tuple[str, dict]:
-    """Compute metrics and figures for loaded inputs; return (HTML text, metrics dict)."""
+    """Compute metrics and figures for loaded inputs; return (HTML text, metrics dict).
+
+    ``perturbation``: a predictor directory of `scfm perturb train --folds K`, shown in its own section.
+    ``extra_sections``: (key, title, body) of sections built by their own step (e.g. gene modules), shown last."""
     from scfm.utils import progress
 
     inputs, uns_list = loaded.paths, loaded.uns_list
@@ -559,6 +569,7 @@ def build_report(
         "qc_json": [os.fspath(p) for p in qc_json], "run_ids": list(run_ids), "seed": seed,
     }
     result["versions"] = package_versions()
+    drug_body, result["drug_sensitivity"] = drug_section(adata, coords, group_key=label_key, seed=seed)
     bodies = {
         "summary": summary_section(adata, inputs, embedding_key, label_key, batch_key, n_input_cells),
         "qc": qc_section(adata, qc_summaries, qc_columns),
@@ -566,10 +577,17 @@ def build_report(
         "umap": umap_body,
         "leiden": "\n".join(leiden_parts),
         "annotation": annotation_body,
+        "drug": drug_body,
         "training": training_section(curves),
         "provenance": provenance_section(uns_list, params),
     }
     result["training_runs"] = [name for name, _ in curves]
+    if perturbation is not None:
+        from scfm.report.perturb import load_result, perturbation_section
+
+        bodies["perturbation"] = perturbation_section(perturbation)
+        summary = load_result(perturbation)[0]["summary"]
+        result["perturbation"] = {"predictor": os.fspath(perturbation), "summary": summary}
     bar.update()
     bar.close()
     title = title or f"scfm report: {', '.join(Path(p).name for p in inputs)}"
@@ -589,4 +607,6 @@ def flat_metrics(result: dict) -> dict[str, float]:
     for key, value in result.get("annotation", {}).items():
         if isinstance(value, (int, float)) and value is not None:
             flat[f"annotation.{key}"] = float(value)
+    for method, values in result.get("perturbation", {}).get("summary", {}).items():
+        flat.update({f"perturbation.{method}.{k}": float(v) for k, v in values.items() if v is not None})
     return flat

@@ -28,7 +28,7 @@ PROBABILITIES_KEY = "scfm_probabilities"
 # embed settings that define the embedding space; paths, batch sizes, devices and timings do not
 # (a Nextflow task stages the same checkpoint under a different path every time)
 EMBEDDING_SPACE_KEYS = (
-    "checkpoint_sha256", "checkpoint_source", "version", "output_type", "pool", "target_depth",
+    "checkpoint_sha256", "checkpoint_source", "version", "output_type", "pool", "input_type", "target_depth",
     "pre_normalized", "vocab_sha256", "n_genes", "model",
 )
 

@@ -38,6 +38,7 @@ from scfm.model.xtrimogene import POOLS, XTrimoGene
 OUTPUT_TYPES = ("cell", "gene", "gene-expression")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+BULK_TARGET_DEPTH = "T=S"  # recorded for bulk input, whose T token is its S token (no target depth)
 
 
 def _unwrap(model) -> XTrimoGene:
@@ -73,8 +74,23 @@ def _row_block(counts, start: int, stop: int) -> sp.csr_matrix:
     return block if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
 
 
-def _chunk_inputs(counts, start, stop, totals, pre_normalized, target_depth):
+def bulk_target_sum(counts, input_type: str, pre_normalized: str, chunk_size: int = 4096) -> float | None:
+    """Bulk raw input is scaled to the median total of the whole input (one extra pass over its rows)."""
+    model_inputs.check_input_type(input_type, pre_normalized)
+    if input_type != "bulk" or pre_normalized != "F":
+        return None
+    n_rows = counts.shape[0]
+    totals = np.concatenate([np.asarray(_row_block(counts, a, min(a + chunk_size, n_rows)).sum(axis=1)).ravel()
+                             for a in range(0, n_rows, chunk_size)] or [np.zeros(0)])
+    return model_inputs.bulk_target_sum(totals)
+
+
+def _chunk_inputs(counts, start, stop, totals, pre_normalized, target_depth, input_type="singlecell",
+                  target_sum=None):
     block = _row_block(counts, start, stop)
+    if input_type == "bulk":
+        return model_inputs.normalize_bulk(block, target_sum=target_sum, pre_normalized=pre_normalized,
+                                           row_offset=start)
     chunk_totals = None if totals is None else np.asarray(totals)[start:stop]
     normalised, raw_totals = model_inputs.normalize_counts(block, totals=chunk_totals, pre_normalized=pre_normalized,
                                                            row_offset=start)
@@ -97,11 +113,14 @@ def embed_cells(
     chunk_size: int = 4096,
     max_tokens: int | None = None,
     out=None,
+    input_type: str = "singlecell",
 ) -> np.ndarray:
     """Cell embeddings (cells, 4*d) for ``pool="all"`` or (cells, d) for ``"max"``, float32.
 
     ``progress``: an object with ``update(n_cells)`` (e.g. ``scfm.utils.progress(total=n)``) or None.
     ``max_tokens`` caps cells x padded length per batch (defaults to ``batch_size`` x 2048).
+    ``input_type="bulk"`` sets ``T = S`` from the sample's expression and ignores ``target_depth``
+    (see :mod:`scfm.model.inputs`).
     """
     net = _unwrap(model)
     if pool not in POOLS:
@@ -112,6 +131,7 @@ def embed_cells(
     n_cells, n_genes = counts.shape
     _check_width(n_genes, net.config.n_genes)
     dim = net.config.encoder_dim * (4 if pool == "all" else 1)
+    target_sum = bulk_target_sum(counts, input_type, pre_normalized, chunk_size)
     if out is None:
         out = np.empty((n_cells, dim), dtype=np.float32)
     max_tokens = max_tokens or batch_size * 2048
@@ -121,7 +141,8 @@ def embed_cells(
         with torch.no_grad(), _autocast(dev, prec):
             for start in range(0, n_cells, chunk_size):
                 stop = min(start + chunk_size, n_cells)
-                normalised, target, source = _chunk_inputs(counts, start, stop, totals, pre_normalized, target_depth)
+                normalised, target, source = _chunk_inputs(counts, start, stop, totals, pre_normalized, target_depth,
+                                                           input_type, target_sum)
                 n_tokens = np.diff(normalised.indptr) + 2  # upper bound (positives only are kept)
                 result = np.empty((stop - start, dim), dtype=np.float32)
                 pending = None
@@ -156,7 +177,7 @@ def _check_width(n_genes: int, expected: int) -> None:
 
 def decoder_batches(model, counts, *, output: str = "genes", totals=None, target_depth: str = "t4",
                     pre_normalized: str = "F", batch_size: int = 2, device: str = "auto", precision: str = "auto",
-                    chunk_size: int = 1024):
+                    chunk_size: int = 1024, input_type: str = "singlecell"):
     """Run cells through encoder and decoder ``batch_size`` at a time, in input order.
 
     Yields ``(rows, normalised, values)`` per batch: the batch's row indices in ``counts``, its normalised
@@ -173,13 +194,15 @@ def decoder_batches(model, counts, *, output: str = "genes", totals=None, target
     n_cells, n_genes = counts.shape
     cfg = net.config
     _check_width(n_genes, cfg.n_genes)
+    target_sum = bulk_target_sum(counts, input_type, pre_normalized, chunk_size)
     was_training = net.training
     net.eval().to(dev)
     try:
         with torch.no_grad(), _autocast(dev, prec):
             for start in range(0, n_cells, chunk_size):
                 stop = min(start + chunk_size, n_cells)
-                normalised, target, source = _chunk_inputs(counts, start, stop, totals, pre_normalized, target_depth)
+                normalised, target, source = _chunk_inputs(counts, start, stop, totals, pre_normalized, target_depth,
+                                                           input_type, target_sum)
                 for first in range(0, stop - start, batch_size):
                     rows = np.arange(first, min(first + batch_size, stop - start))
                     batch = model_inputs.decoder_batch_from_csr(normalised, target, source, cfg, rows).to(dev)
@@ -192,14 +215,14 @@ def decoder_batches(model, counts, *, output: str = "genes", totals=None, target
 
 
 def _decoder_pass(model, counts, kind, *, totals, target_depth, pre_normalized, batch_size, device, precision,
-                  progress, chunk_size, out):
+                  progress, chunk_size, out, input_type="singlecell"):
     net = _unwrap(model)
     cfg = net.config
     n_cells = counts.shape[0]
     shape = (n_cells, cfg.n_genes) if kind == "expression" else (n_cells, cfg.n_genes, cfg.decoder_dim)
     batches = decoder_batches(net, counts, output=kind, totals=totals, target_depth=target_depth,
                               pre_normalized=pre_normalized, batch_size=batch_size, device=device,
-                              precision=precision, chunk_size=chunk_size)
+                              precision=precision, chunk_size=chunk_size, input_type=input_type)
     if out is None:
         out = np.empty(shape, dtype=np.float32)
     for rows, _, values in batches:
@@ -211,7 +234,7 @@ def _decoder_pass(model, counts, kind, *, totals, target_depth, pre_normalized, 
 
 def predict_expression(model, counts, *, target_depth: str = "t4", totals=None, pre_normalized: str = "F",
                        batch_size: int = 4, device: str = "auto", precision: str = "auto", progress=None,
-                       chunk_size: int = 1024, out=None) -> np.ndarray:
+                       chunk_size: int = 1024, out=None, input_type: str = "singlecell") -> np.ndarray:
     """The decoder's expression output (cells, n_genes), float32, at the requested target depth.
 
     Values are on the model's scale (log1p of counts per 10k at depth T); ``scfm enhance`` uses the
@@ -220,16 +243,16 @@ def predict_expression(model, counts, *, target_depth: str = "t4", totals=None, 
     """
     return _decoder_pass(model, counts, "expression", totals=totals, target_depth=target_depth,
                          pre_normalized=pre_normalized, batch_size=batch_size, device=device, precision=precision,
-                         progress=progress, chunk_size=chunk_size, out=out)
+                         progress=progress, chunk_size=chunk_size, out=out, input_type=input_type)
 
 
 def gene_embeddings(model, counts, *, target_depth: str = "t4", totals=None, pre_normalized: str = "F",
                     batch_size: int = 2, device: str = "auto", precision: str = "auto", progress=None,
-                    chunk_size: int = 1024, out=None) -> np.ndarray:
+                    chunk_size: int = 1024, out=None, input_type: str = "singlecell") -> np.ndarray:
     """Context-specific gene embeddings (cells, n_genes, decoder_dim) from the decoder, float32."""
     return _decoder_pass(model, counts, "genes", totals=totals, target_depth=target_depth,
                          pre_normalized=pre_normalized, batch_size=batch_size, device=device, precision=precision,
-                         progress=progress, chunk_size=chunk_size, out=out)
+                         progress=progress, chunk_size=chunk_size, out=out, input_type=input_type)
 
 
 # -------------------------------------------------------------------------------- .h5ad streaming
@@ -373,12 +396,14 @@ def embed_file(
     chunk_size: int = 4096,
     min_coverage: float = 0.3,
     quiet: bool = False,
+    input_type: str = "singlecell",
 ) -> dict[str, Any]:
     """Align INPUT to the checkpoint's vocabulary (unless it already is), embed, write OUTPUT atomically.
 
     ``.h5ad`` OUTPUT = the aligned data + ``obsm['X_scfm']`` (cell) or ``layers['scfm_expr']``
     (gene-expression), with every setting in ``uns['scfm']['embed']``. ``.npy`` OUTPUT = the array only
     (the only choice for ``gene``: cells x genes x decoder_dim). Returns the settings and timings.
+    ``input_type="bulk"``: each row is a bulk sample (T = S, no target depth; see :mod:`scfm.model.inputs`).
     """
     import h5py
 
@@ -402,6 +427,10 @@ def embed_file(
     model_inputs.parse_target_depth(target_depth)
     if pre_normalized not in model_inputs.PRE_NORMALIZED_CHOICES:
         raise ScfmUsageError(f"pre_normalized must be one of F, T, A, got {pre_normalized!r}")
+    try:
+        model_inputs.check_input_type(input_type, pre_normalized)
+    except ScfmError as exc:
+        raise ScfmUsageError(exc.message) from exc
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     if batch_size is None:
@@ -412,7 +441,9 @@ def embed_file(
     settings: dict[str, Any] = {
         "checkpoint": str(checkpoint), "checkpoint_source": loaded.source.split(":")[0], "version": version,
         "checkpoint_sha256": checkpoint_sha256(checkpoint, version),
-        "output_type": output_type, "pool": pool, "target_depth": target_depth, "pre_normalized": pre_normalized,
+        "output_type": output_type, "pool": pool, "input_type": input_type,
+        "target_depth": target_depth if input_type == "singlecell" else BULK_TARGET_DEPTH,
+        "pre_normalized": pre_normalized,
         "batch_size": batch_size, "device": str(dev), "precision": prec, "chunk_size": chunk_size,
         "vocab_sha256": vocab_obj.sha256, "n_genes": len(vocab_obj), "scfm_version": __version__,
         "model": loaded.config.to_dict(),
@@ -452,6 +483,7 @@ def embed_file(
             else:
                 target = _new_h5_array(handle, "obsm/X_scfm" if output_type == "cell" else "layers/scfm_expr", shape)
             common = dict(totals=totals, target_depth=target_depth, pre_normalized=pre_normalized,
+                          input_type=input_type,
                           batch_size=batch_size, device=str(dev), precision=prec, chunk_size=chunk_size, out=target)
             started = time.perf_counter()
             with progress_bar(total=n_cells, desc="embedding", unit="cells", quiet=quiet) as bar:
