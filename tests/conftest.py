@@ -73,6 +73,33 @@ def scfm_bin():
     return run_bin
 
 
+def signal_when(proc, ready, *, signum=None, timeout: float = 240, what: str = "") -> int:
+    """Send ``signum`` (SIGTERM) to a running step as soon as ``ready()``; return its exit code.
+
+    Fails when the step ends before it could be stopped, or never gets ready.
+    """
+    import signal
+
+    try:
+        deadline = time.time() + timeout
+        while not ready():
+            assert proc.poll() is None, f"finished before it could be stopped:\n{what() if callable(what) else what}"
+            assert time.time() < deadline, "never got going"
+            time.sleep(0.02)
+        proc.send_signal(signum or signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode
+
+
+@pytest.fixture(scope="session")
+def stop_when_ready():
+    """:func:`signal_when`, for tests and fixtures of any scope."""
+    return signal_when
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -24,7 +24,7 @@ import click
 import numpy as np
 
 from scfm import tracking
-from scfm.errors import ScfmError
+from scfm.errors import ScfmError, Terminated
 
 LABEL_KEY = "bulk_labels"
 BATCH_KEY = "batch"
@@ -68,6 +68,8 @@ def run_step(step: list[str], *, uri: str, seed: int, quiet: bool) -> None:
 
     argv = [*map(str, step), "--mlflow-uri", uri, "--seed", str(seed)] + (["--quiet"] if quiet else [])
     code = main(argv)
+    if code == Terminated.exit_code:
+        raise Terminated()  # the step cleaned up after itself; the demo stops the same way
     if code != 0:
         raise ScfmError(f"demo step `scfm {' '.join(map(str, step))}` failed (exit {code}); see the message above")
 

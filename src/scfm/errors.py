@@ -28,3 +28,17 @@ class ScfmUsageError(ScfmError):
     """Flags that contradict each other or are missing (exit code 2, like click's own usage errors)."""
 
     exit_code = 2
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (Slurm, Nextflow, ``timeout``): unwinds the step like Ctrl-C does.
+
+    A ``BaseException``, like ``KeyboardInterrupt``, so that no ``except Exception`` turns it into a
+    different error; every ``atomic_output`` and scratch directory on the way out is removed.
+    """
+
+    exit_code = 143  # 128 + SIGTERM: what a shell reports for a process ended by SIGTERM
+    run_status = "KILLED"  # the MLflow run was stopped from outside, it did not fail
+
+    def one_line(self) -> str:
+        return "terminated by SIGTERM; partial outputs were removed"

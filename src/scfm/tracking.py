@@ -37,14 +37,23 @@ _MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
 _T = TypeVar("_T")
 
 
+class DefaultStoreUri(str):
+    """The store scfm chose itself (next to the step's output), as opposed to one the user named.
+
+    :func:`step_run` creates a default store that does not exist yet only once the step has something
+    to log, so that a step failing on bad input leaves no ``mlflow.db`` in a new output folder.
+    """
+
+
 def resolve_uri(mlflow_uri: str | None, output_dir: str | os.PathLike | None) -> str:
-    """Explicit flag, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<output_dir>/mlflow.db``."""
+    """Explicit flag, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<output_dir>/mlflow.db`` (a
+    :class:`DefaultStoreUri`)."""
     if mlflow_uri:
         return mlflow_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     base = Path(output_dir if output_dir is not None else ".").resolve()
-    return f"sqlite:///{base / 'mlflow.db'}"
+    return DefaultStoreUri(f"sqlite:///{base / 'mlflow.db'}")
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -140,12 +149,34 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
 
 
 class StepRun:
-    """One MLflow run; every write is retried and goes through the client (no global MLflow state)."""
+    """One MLflow run; every write is retried and goes through the client (no global MLflow state).
 
-    def __init__(self, client, run_id: str, uri: str):
-        self.client = client
-        self.run_id = run_id
+    Made with ``opener`` instead of a client and run id, the run is created on first use.
+    """
+
+    def __init__(self, client=None, run_id: str | None = None, uri: str | None = None, *,
+                 opener: Callable[[], tuple[Any, str]] | None = None):
+        self._client, self._run_id = client, run_id
         self.uri = uri
+        self._opener = opener
+
+    @property
+    def opened(self) -> bool:
+        return self._run_id is not None
+
+    def open(self) -> None:
+        if self._run_id is None:
+            self._client, self._run_id = self._opener()
+
+    @property
+    def client(self):
+        self.open()
+        return self._client
+
+    @property
+    def run_id(self) -> str:
+        self.open()
+        return self._run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -215,34 +246,46 @@ def step_run(
         return
     from scfm import __version__
 
-    try:
-        experiment_id = ensure_store(uri, experiment)
-    except Exception as exc:
-        raise ScfmError(f"cannot open the MLflow store: {exc}", uri) from exc
-    client = _client(uri)
-    all_tags = {"scfm.step": step, "scfm.version": __version__}
-    parent = current_parent_run_id(uri, experiment)
-    if parent:
-        parent_run = _retry(lambda: client.get_run(parent))
-        experiment_id = parent_run.info.experiment_id
-        all_tags["mlflow.parentRunId"] = parent
-    all_tags.update(tags or {})
-    run = _retry(
-        lambda: client.create_run(
-            experiment_id, run_name=run_name or step, tags={k: str(v) for k, v in all_tags.items()}
+    started_ms = int(time.time() * 1000)
+
+    def open_run() -> tuple[Any, str]:
+        try:
+            experiment_id = ensure_store(uri, experiment)
+        except Exception as exc:
+            raise ScfmError(f"cannot open the MLflow store: {exc}", uri) from exc
+        client = _client(uri)
+        all_tags = {"scfm.step": step, "scfm.version": __version__}
+        parent = current_parent_run_id(uri, experiment)
+        if parent:
+            parent_run = _retry(lambda: client.get_run(parent))
+            experiment_id = parent_run.info.experiment_id
+            all_tags["mlflow.parentRunId"] = parent
+        all_tags.update(tags or {})
+        run = _retry(
+            lambda: client.create_run(experiment_id, run_name=run_name or step, start_time=started_ms,
+                                      tags={k: str(v) for k, v in all_tags.items()})
         )
-    )
-    handle = StepRun(client, run.info.run_id, uri)
-    try:
         if params:
-            handle.log_params(params)
+            StepRun(client, run.info.run_id, uri).log_params(params)
+        return client, run.info.run_id
+
+    handle = StepRun(uri=uri, opener=open_run)
+    if not _new_default_store(uri):
+        handle.open()  # a named store or server is opened now, so that a bad one fails before any work
+    try:
         yield handle
     except BaseException as exc:
-        # an exception may say how the run ended (a preempted run is KILLED, not FAILED)
-        status = getattr(exc, "run_status", "FAILED")
-        _retry(lambda: client.set_terminated(handle.run_id, status))
+        if handle.opened:
+            # an exception may say how the run ended (a preempted run is KILLED, not FAILED)
+            status = getattr(exc, "run_status", "FAILED")
+            _retry(lambda: handle.client.set_terminated(handle.run_id, status))
         raise
-    _retry(lambda: client.set_terminated(handle.run_id, "FINISHED"))
+    _retry(lambda: handle.client.set_terminated(handle.run_id, "FINISHED"))
+
+
+def _new_default_store(uri: str) -> bool:
+    db = sqlite_path(uri)
+    return isinstance(uri, DefaultStoreUri) and db is not None and not db.exists()
 
 
 def _pipeline_query(session_id: str) -> str:

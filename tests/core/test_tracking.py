@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -79,6 +80,29 @@ def test_failed_step_is_marked_failed(tmp_path):
         with tracking.step_run("qc", uri=uri) as run:
             raise RuntimeError("boom")
     assert MlflowClient(uri).get_run(run.run_id).info.status == "FAILED"
+
+
+def test_a_new_default_store_is_created_only_once_the_step_has_something_to_log(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "new"
+    uri = tracking.resolve_uri(None, out)
+    with pytest.raises(RuntimeError):
+        with tracking.step_run("embed", uri=uri, params={"a": 1}):
+            raise RuntimeError("bad input, found before anything was logged")
+    assert not out.exists()  # no folder holding only mlflow.db and its lock
+
+    started = time.time()
+    with tracking.step_run("embed", uri=uri, params={"a": 1}) as run:
+        run.log_metrics({"n_cells": 3})
+    logged = MlflowClient(uri).get_run(run.run_id)
+    assert logged.info.status == "FINISHED" and logged.data.params["a"] == "1"
+    assert logged.info.start_time <= logged.info.end_time and logged.info.start_time / 1000 >= started - 1
+
+    # once the store exists, a failure is recorded like any other
+    with pytest.raises(RuntimeError):
+        with tracking.step_run("embed", uri=tracking.resolve_uri(None, out)) as failed:
+            raise RuntimeError("boom")
+    assert MlflowClient(uri).get_run(failed.run_id).info.status == "FAILED"
 
 
 def test_artifacts_land_next_to_the_sqlite_store(tmp_path):

@@ -112,3 +112,80 @@ def test_demo_assets_script_is_deterministic(tmp_path):
     for name in ("pbmc_a/matrix.mtx.gz", "pbmc_a/features.tsv.gz", "pbmc_a/barcodes.tsv.gz", "samplesheet.csv",
                  "labels.csv", "README.md"):
         assert (tmp_path / "demo" / name).read_bytes() == (REPO / "assets" / "demo" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("sample,path,bacth\nA,data/a.h5ad,run1\n",
+         "unknown column(s) 'bacth' (allowed: sample, path, batch, condition)"),
+        ("sample,path,batch\nA,data/a.h5ad,run/1\n", "row 1 (sample 'A'), column 'batch': batch must use only letters"),
+        ("sample,path,batch\nA,data/a.h5ad,.hidden\n", "column 'batch'"),
+        ("sample,path\n../A,data/a.h5ad\n", "column 'sample': sample id must be given"),
+    ],
+    ids=["misspelt-column", "slash-in-batch", "dot-first-batch", "path-in-sample-id"],
+)
+def test_names_that_become_file_names_and_unknown_columns_are_refused(inputs, text, message):
+    path = _sheet(inputs, text)
+    with pytest.raises(ScfmError) as info:
+        io.read_samplesheet(path)
+    assert message in info.value.message and info.value.path == str(path)
+
+
+def test_the_schema_refuses_what_the_reader_refuses():
+    """nf-schema validates the pipeline's samplesheet with the same schema file."""
+    schema = json.loads(io.schema_path().read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    assert not list(validator.iter_errors([{"sample": "A", "path": "a.h5ad", "batch": "b1"}]))
+    assert list(validator.iter_errors([{"sample": "A", "path": "a.h5ad", "bacth": "b1"}]))
+    assert list(validator.iter_errors([{"sample": "A", "path": "a.h5ad", "batch": "b/1"}]))
+
+
+# -- scfm samplesheet check ----------------------------------------------------------------------------
+def _check(*args):
+    from click.testing import CliRunner
+
+    from scfm.cli import cli
+
+    return CliRunner().invoke(cli, ["samplesheet", "check", *map(str, args)], catch_exceptions=False)
+
+
+def test_check_prints_one_summary_line_for_a_valid_sheet(pbmc_counts):
+    sheet = REPO / "assets" / "demo" / "samplesheet.csv"
+    result = _check(sheet)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [f"{sheet}: valid, 2 sample(s) in 2 batch(es), every input found"]
+    assert _check(sheet, "--quiet").output == ""
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("sample,file\nA,data/a.h5ad\n", "samplesheet is missing column(s) path"),
+        ("sample,path,extra\nA,data/a.h5ad,x\n", "unknown column(s) 'extra'"),
+        ("sample,path\nA,data/a.h5ad\nA,data/a.h5ad\n", "duplicate sample id 'A'"),
+        ("sample,path\nA,data/missing.h5ad\n", "row 1 (sample 'A'): path does not exist"),
+        ("sample,path,batch\nA,data/a.h5ad,b 1\n", "column 'batch'"),
+        ("sample,path\nA,data/notes.txt\n", "row 1 (sample 'A'): unknown input format '.txt'"),
+        ("sample,path\nA,data/b_mtx\n", "row 1 (sample 'A'): directory is not a 10x matrix directory"),
+    ],
+    ids=["missing-column", "unknown-column", "duplicate", "missing-file", "space-in-batch", "unknown-format",
+         "empty-10x-dir"],
+)
+def test_check_refuses_a_bad_sheet_with_one_line_naming_it(inputs, text, message):
+    (inputs / "data" / "notes.txt").write_text("x")
+    sheet = _sheet(inputs, text)
+    result = _check(sheet)
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {sheet}: ") and message in errors[0], result.output
+
+
+def test_bin_scfm_samplesheet_is_scfm_samplesheet(scfm_bin, tmp_path):
+    sheet = REPO / "assets" / "demo" / "samplesheet.csv"
+    ok = scfm_bin("samplesheet", "check", sheet)
+    assert ok.returncode == 0 and ok.stdout.strip().endswith("every input found")
+    bad = _sheet(tmp_path, "sample,path\nA,nothing.h5ad\n")
+    refused = scfm_bin("samplesheet", "check", bad, check=False)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+        f"error: {bad}: row 1 (sample 'A'): path does not exist: {tmp_path / 'nothing.h5ad'}"]

@@ -118,7 +118,7 @@ def test_input_sharing_too_few_genes_with_the_model_is_refused(tiny_model, tmp_p
 def test_bad_thin_fraction_and_depth_are_refused(tiny_model, tmp_path, shared_store):
     checkpoint, cells, _ = tiny_model
     _fails_cleanly(shared_store, tmp_path, cells, "--checkpoint", checkpoint, "--thin-fraction", "1.5",
-                   message="--thin-fraction must be between 0 and 1", code=2)
+                   message="Invalid value for '--thin-fraction': 1.5 is not in the range 0<x<1", code=2)
     _fails_cleanly(shared_store, tmp_path, cells, "--checkpoint", checkpoint, "--target-depth", "x9",
                    message="invalid target depth 'x9'")
 

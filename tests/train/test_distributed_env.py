@@ -85,3 +85,21 @@ def test_warmup_then_cosine():
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
     assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))
     assert lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
+
+
+def test_cpu_start_up_never_waits_on_a_stale_extension_build_lock(tmp_path):
+    """A task killed while DeepSpeed JIT-built its shared-memory op left this lock behind; starting the
+    process group must not wait on it (it used to hang forever)."""
+    import subprocess
+    import sys
+
+    lock = tmp_path / "extensions" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    env = {**__import__("os").environ, "TORCH_EXTENSIONS_DIR": str(lock.parent.parent), "CUDA_VISIBLE_DEVICES": "",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29731", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    script = ("import torch; from scfm.train.distributed import init_distributed; init_distributed(); "
+              "print(torch.distributed.get_backend())")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("gloo")

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
-import time
 
 import numpy as np
 import pytest
@@ -46,22 +44,14 @@ def reference(train_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def preempted(train_data, tmp_path_factory):
+def preempted(train_data, tmp_path_factory, stop_when_ready):
     """The same run sent SIGTERM once a few steps are done: (its directory, the step it stopped at, its stderr)."""
     out = tmp_path_factory.mktemp("preempted") / "run"
     log = out.parent / "stderr.txt"
     proc = start_step(*_args(train_data, out, "--save-every", "100"), stderr_path=log, env={"SCFM_PROGRESS": "1"})
-    try:
-        deadline = time.time() + 240
-        while not re.search(rf"\| [2-9]/{STEPS} ", log.read_text()):  # the progress bar: some steps are done
-            assert proc.poll() is None, log.read_text()[-4000:]
-            assert time.time() < deadline, "no progress"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # the progress bar says some steps are done
+    stop_when_ready(proc, lambda: re.search(rf"\| [2-9]/{STEPS} ", log.read_text()),
+                    what=lambda: log.read_text()[-4000:])
     stderr = log.read_text()
     assert proc.returncode == PREEMPTED_EXIT, stderr[-4000:]
     (line,) = [x for x in stderr.splitlines() if x.startswith("error: ")]

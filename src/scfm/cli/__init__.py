@@ -12,14 +12,18 @@ import sys
 import click
 
 from scfm import __version__
-from scfm.errors import ScfmError
+from scfm.errors import ScfmError, Terminated
 
 
 class ScfmGroup(click.Group):
     def invoke(self, ctx):
+        from scfm.utils import close_progress_bars, sigterm_unwinds
+
         try:
-            return super().invoke(ctx)
-        except ScfmError as exc:
+            with sigterm_unwinds():
+                return super().invoke(ctx)
+        except (ScfmError, Terminated) as exc:
+            close_progress_bars()
             click.echo(f"error: {exc.one_line()}", err=True)
             ctx.exit(exc.exit_code)
 
@@ -33,9 +37,9 @@ def cli() -> None:
 
 def _register() -> None:
     # imported here so that `scfm --help` stays fast and each area owns its own module
-    from scfm.cli import align, downstream, drug, genes, model, perturb, qc, tracking, train
+    from scfm.cli import align, downstream, drug, genes, model, perturb, qc, samplesheet, tracking, train
 
-    for module in (qc, align, model, train, downstream, genes, perturb, tracking, drug):
+    for module in (qc, align, model, train, downstream, genes, perturb, tracking, drug, samplesheet):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from scfm.cli.common import step_options
+from scfm.cli.common import check_outputs, fraction, step_options
 from scfm.errors import ScfmUsageError
 
 
@@ -28,7 +28,7 @@ def _default_coverage_json(output: Path | None, shards_dir: Path | None) -> Path
 @click.option("--cells-per-shard", type=click.IntRange(min=1), default=100_000, show_default=True)
 @click.option("--shard-obs-columns", default=None,
               help="Comma-separated obs columns to copy into shards (default: sample,batch,condition when present).")
-@click.option("--min-coverage", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+@click.option("--min-coverage", type=fraction(), default=0.3, show_default=True,
               help="Fail when the fraction of input counts in vocabulary genes is lower.")
 @click.option("--coverage-json", type=click.Path(path_type=Path),
               help="Coverage report (default: <output>.coverage.json next to the output).")
@@ -42,15 +42,19 @@ def align_command(input_path, output, vocab_path, aliases, shards_dir, cells_per
     from scfm import tracking
     from scfm.data.align import align_file, load_aliases
     from scfm.data.vocab import Vocabulary
-    from scfm.utils import atomic_output, seed_everything
+    from scfm.utils import atomic_output, check_output_path, seed_everything
 
     if output is None and shards_dir is None:
         raise ScfmUsageError("give -o OUT.h5ad and/or --shards-dir DIR")
+    coverage_json = coverage_json or _default_coverage_json(output, shards_dir)
+    inputs = [input_path, vocab_path, aliases]
+    if shards_dir is not None:
+        check_output_path(shards_dir, inputs=inputs, directory=True)  # replaced whole
+    check_outputs(output, coverage_json, inputs=inputs)
     seed_everything(seed)
     vocab = Vocabulary.load(vocab_path)
     alias_map = load_aliases(aliases) if aliases else None
     obs_columns = [c.strip() for c in shard_obs_columns.split(",") if c.strip()] if shard_obs_columns else None
-    coverage_json = coverage_json or _default_coverage_json(output, shards_dir)
     out_dir = (output or shards_dir).resolve().parent
     params = {
         "input": str(input_path), "vocab": str(vocab_path), "vocab_sha256": vocab.sha256, "n_vocab": len(vocab),
@@ -105,6 +109,7 @@ def vocab_build_command(inputs, output, min_cells, chunk_size, layer, mlflow_uri
     from scfm.data.vocab import build_vocabulary
     from scfm.utils import seed_everything
 
+    check_outputs(output, inputs=inputs)
     seed_everything(seed)
     params = {"inputs": [str(p) for p in inputs], "min_cells": min_cells, "chunk_size": chunk_size,
               "layer": str(layer), "output": str(output), "seed": seed}

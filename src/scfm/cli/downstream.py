@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from scfm import tracking
-from scfm.cli.common import step_options
+from scfm.cli.common import check_outputs, fraction, step_options
 from scfm.utils import atomic_output, seed_everything
 
 _existing = click.Path(exists=True, dir_okay=False)
@@ -21,8 +21,8 @@ _existing = click.Path(exists=True, dir_okay=False)
               help="Classifier directory from `scfm finetune`.")
 @click.option("--reference", type=_existing, help="Embedded, labelled reference h5ad for kNN label transfer.")
 @click.option("--label-key", default=None, help="obs column of the reference holding cell types.")
-@click.option("--k", type=int, default=15, show_default=True, help="Neighbours for kNN transfer.")
-@click.option("--min-confidence", type=float, default=0.5, show_default=True,
+@click.option("--k", type=click.IntRange(min=1), default=15, show_default=True, help="Neighbours for kNN transfer.")
+@click.option("--min-confidence", type=fraction(), default=0.5, show_default=True,
               help="Cells whose top class probability is lower are labelled 'unknown'.")
 @click.option("--embedding-key", default="X_scfm", show_default=True, help="obsm key of the cell embedding.")
 @step_options
@@ -31,6 +31,7 @@ def annotate(input, output, classifier, reference, label_key, k, min_confidence,
     """Label embedded cells in INPUT with a classifier head or by kNN transfer from a reference."""
     from scfm.tasks.annotate import annotate_file
 
+    check_outputs(output, inputs=[input, reference])
     seed_everything(seed)
     params = {"input": input, "classifier": classifier, "reference": reference, "label_key": label_key, "k": k,
               "min_confidence": min_confidence, "embedding_key": embedding_key, "seed": seed}
@@ -61,7 +62,7 @@ def annotate(input, output, classifier, reference, label_key, k, min_confidence,
 @click.option("--layer", default="scfm_enhanced", show_default=True, help="Layer receiving the prediction.")
 @click.option("--evaluate/--no-evaluate", default=True, show_default=True,
               help="Thin real cells and measure how well they are predicted back.")
-@click.option("--thin-fraction", type=float, default=0.2, show_default=True,
+@click.option("--thin-fraction", type=fraction(open_low=True, open_high=True), default=0.2, show_default=True,
               help="Share of reads kept when thinning cells for the evaluation.")
 @click.option("--eval-cells", type=click.IntRange(min=2), default=200, show_default=True,
               help="Cells used in the evaluation.")
@@ -74,6 +75,7 @@ def enhance(input, output, checkpoint, version, vocab, target_depth, layer, eval
     """Predict every cell of INPUT at a higher read depth (a layer of OUTPUT), with an honest evaluation."""
     from scfm.tasks.enhance import enhance_file
 
+    check_outputs(output, inputs=[input, checkpoint, vocab])
     seed_everything(seed)
     params = {"input": input, "checkpoint": checkpoint, "version": version, "target_depth": target_depth,
               "layer": layer, "evaluate": evaluate, "thin_fraction": thin_fraction, "eval_cells": eval_cells,
@@ -137,6 +139,7 @@ def report(inputs, output, embedding_key, label_key, labels_optional, batch_key,
 
     output = Path(output)
     metrics_path = Path(metrics_json) if metrics_json else output.with_name(f"{output.stem}.metrics.json")
+    check_outputs(output, metrics_path, inputs=[*inputs, *qc_json])
     uri = tracking.resolve_uri(mlflow_uri, output.parent)
     seed_everything(seed)
     # inputs are read and checked first: a bad input fails in seconds and opens no MLflow run
@@ -176,7 +179,9 @@ def report(inputs, output, embedding_key, label_key, labels_optional, batch_key,
 def demo(output, quick, mlflow_uri, seed, quiet):
     """Run QC -> align -> pretrain -> fine-tune -> embed -> annotate -> enhance -> report on bundled PBMCs."""
     from scfm.demo import print_summary, run_demo
+    from scfm.utils import check_output_path
 
+    check_output_path(output, directory=True)
     summary = run_demo(output, quick=quick, seed=seed, quiet=quiet, mlflow_uri=mlflow_uri)
     print_summary(summary)
 

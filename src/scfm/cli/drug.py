@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from scfm import tracking
-from scfm.cli.common import step_options
-from scfm.utils import seed_everything
+from scfm.cli.common import check_outputs, fraction, non_negative, positive, step_options
+from scfm.utils import check_output_path, seed_everything
 
 _file = click.Path(exists=True, dir_okay=False, path_type=Path)
 _dir = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -38,14 +38,14 @@ def drug() -> None:
 @_embedding_key
 @click.option("--split-by", type=click.Choice(["cell_line", "drug", "pair"]), default="cell_line", show_default=True,
               help="Unit held out for validation and test: unseen cell lines, unseen drugs or random pairs.")
-@click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
-@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
+@click.option("--test-fraction", type=fraction(open_high=True), default=0.1, show_default=True)
+@click.option("--val-fraction", type=fraction(open_low=True, open_high=True), default=0.1,
               show_default=True, help="Held out for early stopping.")
 @click.option("--max-epochs", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--patience", type=click.IntRange(min=1), default=10, show_default=True,
               help="Epochs without a better validation Pearson before stopping.")
 @click.option("--batch-size", type=click.IntRange(min=2), default=256, show_default=True)
-@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--learning-rate", type=positive(), default=1e-3, show_default=True)
 @click.option("--pca-components", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--fingerprint-bits", type=click.IntRange(min=64), default=1024, show_default=True)
 @click.option("--fingerprint-radius", type=click.IntRange(min=1), default=2, show_default=True)
@@ -62,6 +62,7 @@ def train(cells, response, smiles_path, output, representation, embedding_key, s
     from scfm.tasks.drug.run import train_file
     from scfm.utils import progress
 
+    check_output_path(output, inputs=[cells, response, smiles_path], directory=True)
     seed_everything(seed)
     settings = RegressorSettings(max_epochs=max_epochs, patience=patience, batch_size=batch_size,
                                  learning_rate=learning_rate, pca_components=pca_components, seed=seed)
@@ -114,6 +115,7 @@ def predict(cells, model_dir, output, drugs, smiles_path, response, embedding_ke
     """Predict ln IC50 for the cell lines of CELLS with a trained model; an unknown drug is an error."""
     from scfm.tasks.drug.run import predict_file
 
+    check_outputs(output, inputs=[cells, smiles_path, response])
     seed_everything(seed)
     params = {"cells": str(cells), "model": str(model_dir), "output": str(output), "drugs": drugs,
               "smiles": str(smiles_path), "response": str(response), "embedding_key": embedding_key}
@@ -139,9 +141,9 @@ def predict(cells, model_dir, output, drugs, smiles_path, response, embedding_ke
 @click.option("--representation", type=click.Choice(["scfm", "expression"]), default="scfm", show_default=True,
               help="scfm: obsm[--embedding-key] of both inputs; expression: X on the genes both share.")
 @_embedding_key
-@click.option("--sensitive-quantile", type=float, default=0.5, show_default=True,
+@click.option("--sensitive-quantile", type=fraction(open_low=True, open_high=True), default=0.5, show_default=True,
               help="A line is sensitive when its ln IC50 is at or below this quantile of the drug's values.")
-@click.option("--domain-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@click.option("--domain-weight", type=non_negative(), default=1.0, show_default=True,
               help="Weight of the adversarial domain loss (0: no adaptation).")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=50, show_default=True)
@@ -155,6 +157,7 @@ def adapt(bulk, response, targets, drugs, output, representation, embedding_key,
     from scfm.tasks.drug.transfer import TransferSettings
     from scfm.utils import progress
 
+    check_output_path(output, inputs=[bulk, response, *targets], directory=True)
     seed_everything(seed)
     drug_names = _drug_list(drugs) or []
     settings = TransferSettings(domain_weight=domain_weight, epochs=epochs, steps_per_epoch=steps_per_epoch,
@@ -188,6 +191,7 @@ def score(input_path, output, model_dir, drugs, embedding_key, mlflow_uri, seed,
     """Score each cell of INPUT for sensitivity to the model's drugs."""
     from scfm.tasks.drug.run import score_file
 
+    check_outputs(output, inputs=[input_path])
     seed_everything(seed)
     params = {"input": str(input_path), "output": str(output), "model": str(model_dir), "drugs": drugs,
               "embedding_key": embedding_key}

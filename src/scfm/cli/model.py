@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from scfm.cli.common import step_options
+from scfm.cli.common import check_outputs, fraction, step_options
 
 
 @click.command("embed")
@@ -38,7 +38,7 @@ from scfm.cli.common import step_options
                    "faster than fp32 (cosine to fp32 >= 0.9999 per cell, bench/RESULTS.md).")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Cells read from disk at a time (bounds memory).")
-@click.option("--min-coverage", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+@click.option("--min-coverage", type=fraction(), default=0.3, show_default=True,
               help="When aligning: fail if less of the counts fall in vocabulary genes.")
 @step_options
 def embed_command(input_path, output, checkpoint, vocab_path, output_type, pool, target_depth, pre_normalized,
@@ -48,6 +48,7 @@ def embed_command(input_path, output, checkpoint, vocab_path, output_type, pool,
     from scfm.tasks.embed import embed_file
     from scfm.utils import seed_everything
 
+    check_outputs(output, inputs=[input_path, checkpoint, vocab_path])
     seed_everything(seed)
     version = version or ("gene" if output_type != "cell" else "ce")
     params = {"input": str(input_path), "output": str(output), "checkpoint": str(checkpoint),
@@ -83,8 +84,9 @@ def convert_command(checkpoint, output, version, vocab_path, mlflow_uri, seed, q
     """Convert an official scFoundation .ckpt (one version) into a scfm checkpoint directory."""
     from scfm import tracking
     from scfm.model.checkpoint import load_checkpoint, save_checkpoint
-    from scfm.utils import seed_everything
+    from scfm.utils import check_output_path, seed_everything
 
+    check_output_path(output, inputs=[checkpoint, vocab_path], directory=True)
     seed_everything(seed)
     params = {"checkpoint": str(checkpoint), "output": str(output), "version": version, "vocab": str(vocab_path)}
     with tracking.step_run("convert", uri=tracking.resolve_uri(mlflow_uri, output.resolve().parent),

@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from scfm import tracking
-from scfm.cli.common import step_options
-from scfm.utils import seed_everything
+from scfm.cli.common import FiniteFloat, check_outputs, fraction, non_negative, positive, step_options
+from scfm.utils import check_output_path, seed_everything
 
 _existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -33,15 +33,16 @@ def _warn(message: str) -> None:
               help="Guide → target table (columns guide, target); control guides carry the control label.")
 @click.option("--key", default="perturbation", show_default=True,
               help="obs column to write (also <key>_guide and <key>_guide_umi).")
-@click.option("--min-umi", type=click.FloatRange(min=0), default=5, show_default=True,
+@click.option("--min-umi", type=non_negative(), default=5, show_default=True,
               help="UMIs the top guide needs.")
-@click.option("--min-ratio", type=click.FloatRange(min=1), default=2.0, show_default=True,
+@click.option("--min-ratio", type=FiniteFloat(min=1), default=2.0, show_default=True,
               help="How many times the second guide's UMIs the top guide needs.")
 @step_options
 def assign_command(cells, output, guide_counts, guide_targets, key, min_umi, min_ratio, mlflow_uri, seed, quiet):
     """Label each cell of CELLS by its dominant guide's target gene (else 'unassigned')."""
     from scfm.tasks.perturb.guides import assign_file
 
+    check_outputs(output, inputs=[cells, guide_counts, guide_targets])
     seed_everything(seed)
     params = {"cells": str(cells), "guide_counts": str(guide_counts), "guide_targets": str(guide_targets),
               "key": key, "min_umi": min_umi, "min_ratio": min_ratio, "seed": seed}
@@ -95,11 +96,11 @@ def screen_options(func):
 @click.option("--coexpression/--no-coexpression", default=True, show_default=True,
               help="Build a co-expression graph of the control cells (for gene embeddings, and for "
                    "perturbations when no --gene-graph is given).")
-@click.option("--coexpression-threshold", type=click.FloatRange(0, 1), default=0.4, show_default=True)
+@click.option("--coexpression-threshold", type=fraction(), default=0.4, show_default=True)
 @click.option("--coexpression-k", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--skip-unknown-targets", is_flag=True,
               help="Leave out (and list) perturbations of genes outside the vocabulary instead of failing.")
-@click.option("--min-gene-fraction", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+@click.option("--min-gene-fraction", type=fraction(), default=0.01, show_default=True,
               help="Score genes detected in at least this share of cells.")
 @click.option("--max-genes", type=click.IntRange(min=1), default=5000, show_default=True,
               help="Score at most this many genes (most variable first).")
@@ -113,12 +114,12 @@ def screen_options(func):
               help="Cross-validate by target gene first (0: no evaluation).")
 @click.option("--epochs", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--hidden-size", type=click.IntRange(min=2), default=64, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--lr", type=positive(), default=1e-3, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Perturbations per optimizer step.")
 @click.option("--replicates", type=click.IntRange(min=1), default=32, show_default=True,
               help="Bootstrap means per training perturbation.")
-@click.option("--direction-weight", type=click.FloatRange(min=0), default=0.1, show_default=True)
+@click.option("--direction-weight", type=non_negative(), default=0.1, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=20, show_default=True,
               help="Top genes (largest observed change) for the top-gene metrics.")
 @step_options
@@ -132,6 +133,7 @@ def train_command(inputs, output, perturbation_key, control, target_key, combo_s
     from scfm.tasks.perturb.model import FitSettings
     from scfm.tasks.perturb.run import train_file
 
+    check_output_path(output, inputs=[*inputs, checkpoint, vocab, *gene_graphs], directory=True)
     seed_everything(seed)
     fit_settings = FitSettings(epochs=epochs, batch_size=batch_size, lr=lr, direction_weight=direction_weight)
     params = {"inputs": [str(p) for p in inputs], "perturbation_key": perturbation_key, "control": control,
@@ -201,6 +203,7 @@ def predict_command(predictor, output, perturbations, input_path, perturbation_k
     """Predict mean expression after each perturbation with a PREDICTOR from `scfm perturb train`."""
     from scfm.tasks.perturb.run import predict_file
 
+    check_outputs(output, inputs=[predictor, input_path])
     seed_everything(seed)
     params = {"predictor": str(predictor), "perturbations": list(perturbations), "input": str(input_path),
               "perturbation_key": perturbation_key, "control": control, "top_k": top_k, "seed": seed}

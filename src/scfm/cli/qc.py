@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from scfm.cli.common import step_options
+from scfm.cli.common import check_outputs, non_negative, step_options
 
 
 @click.command("qc")
@@ -22,10 +22,10 @@ from scfm.cli.common import step_options
               help="Remove cells with fewer detected genes.")
 @click.option("--min-cells", type=click.IntRange(min=0), default=3, show_default=True,
               help="Remove genes detected in fewer cells.")
-@click.option("--max-pct-mito", type=click.FloatRange(min=0), default=20.0, show_default=True,
+@click.option("--max-pct-mito", type=non_negative(), default=20.0, show_default=True,
               help="Remove cells with a larger % of mitochondrial (MT-/mt-) counts.")
-@click.option("--max-counts", type=click.FloatRange(min=0), default=None, help="Remove cells with more counts.")
-@click.option("--min-counts", type=click.FloatRange(min=0), default=None, help="Remove cells with fewer counts.")
+@click.option("--max-counts", type=non_negative(), default=None, help="Remove cells with more counts.")
+@click.option("--min-counts", type=non_negative(), default=None, help="Remove cells with fewer counts.")
 @click.option("--doublets/--no-doublets", default=False, show_default=True,
               help="Remove scrublet-called doublets (seeded by --seed).")
 @click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -43,6 +43,7 @@ def qc_command(input_path, output, sample, batch, condition, layer, transpose, m
     from scfm.data.qc import default_summary_path, run_qc, summary_metrics
 
     summary = summary or default_summary_path(output)
+    check_outputs(output, summary, inputs=[input_path], folders=[plots_dir])
     settings = dict(sample=sample, batch=batch, condition=condition, layer=layer, transpose=transpose,
                     min_genes=min_genes, min_cells=min_cells, max_pct_mito=max_pct_mito, max_counts=max_counts,
                     min_counts=min_counts, doublets=doublets, seed=seed, chunk_size=chunk_size)

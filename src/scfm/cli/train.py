@@ -6,7 +6,7 @@ import json
 
 import click
 
-from scfm.cli.common import step_options
+from scfm.cli.common import fraction, non_negative, positive, step_options
 
 
 @click.command("pretrain")
@@ -21,32 +21,38 @@ from scfm.cli.common import step_options
 @click.option("--zero-stage", type=click.IntRange(1, 3), default=2, show_default=True)
 @click.option("--deepspeed-config", type=click.Path(), default=None,
               help="DeepSpeed JSON config (default: the packaged zero<stage>.json).")
-@click.option("--micro-batch-size", type=int, default=8, show_default=True, help="Cells per rank per micro-step.")
-@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-steps per optimizer step.")
-@click.option("--max-steps", type=int, default=100, show_default=True, help="Optimizer steps to train to.")
-@click.option("--lr-decay-steps", type=int, default=None,
+@click.option("--micro-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Cells per rank per micro-step.")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Micro-steps per optimizer step.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Optimizer steps to train to.")
+@click.option("--lr-decay-steps", type=click.IntRange(min=1), default=None,
               help="Cosine horizon in steps (default: --max-steps). Set it to stop early and resume later.")
-@click.option("--lr", type=float, default=1e-4, show_default=True)
-@click.option("--min-lr-ratio", type=float, default=0.1, show_default=True, help="Final LR / peak LR.")
-@click.option("--warmup-steps", type=int, default=10, show_default=True)
-@click.option("--weight-decay", type=float, default=0.01, show_default=True)
-@click.option("--gradient-clipping", type=float, default=1.0, show_default=True)
-@click.option("--save-every", type=int, default=1000, show_default=True, help="Checkpoint every N steps.")
-@click.option("--keep-checkpoints", type=int, default=2, show_default=True)
+@click.option("--lr", type=positive(), default=1e-4, show_default=True)
+@click.option("--min-lr-ratio", type=fraction(), default=0.1, show_default=True, help="Final LR / peak LR.")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--weight-decay", type=non_negative(), default=0.01, show_default=True)
+@click.option("--gradient-clipping", type=non_negative(), default=1.0, show_default=True)
+@click.option("--save-every", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Checkpoint every N steps.")
+@click.option("--keep-checkpoints", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--resume", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               is_flag=False, flag_value="always",
               help="auto: continue from the newest complete checkpoint in OUTPUT, start fresh if none; "
                    "always (also a bare --resume): require one; never: refuse a directory holding checkpoints.")
 @click.option("--overwrite", is_flag=True,
               help="Start over: delete OUTPUT's checkpoints of an earlier run (with --resume never or auto).")
-@click.option("--shuffle-buffer", type=int, default=1024, show_default=True)
-@click.option("--mask-ratio", type=float, default=0.3, show_default=True, help="Share of nonzero genes masked.")
-@click.option("--zero-mask-ratio", type=float, default=0.03, show_default=True, help="Share of zero genes masked.")
-@click.option("--mask-token-prob", type=float, default=0.8, show_default=True)
-@click.option("--random-token-prob", type=float, default=0.1, show_default=True)
-@click.option("--downsample-prob", type=float, default=0.5, show_default=True,
+@click.option("--shuffle-buffer", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--mask-ratio", type=fraction(open_low=True), default=0.3, show_default=True,
+              help="Share of nonzero genes masked.")
+@click.option("--zero-mask-ratio", type=fraction(), default=0.03, show_default=True, help="Share of zero genes masked.")
+@click.option("--mask-token-prob", type=fraction(), default=0.8, show_default=True)
+@click.option("--random-token-prob", type=fraction(), default=0.1, show_default=True)
+@click.option("--downsample-prob", type=fraction(), default=0.5, show_default=True,
               help="Chance a cell is binomially thinned.")
-@click.option("--downsample-range", type=(float, float), default=(0.1, 0.9), show_default=True,
+@click.option("--downsample-range", type=(fraction(open_low=True), fraction(open_low=True)), default=(0.1, 0.9),
+              show_default=True,
               help="Fraction of counts kept when thinned (low high).")
 @step_options
 def pretrain_command(shards, out_dir, mask_ratio, zero_mask_ratio, mask_token_prob, random_token_prob,
@@ -74,7 +80,9 @@ def pretrain_command(shards, out_dir, mask_ratio, zero_mask_ratio, mask_token_pr
     """
     from scfm.train.objective import ObjectiveConfig
     from scfm.train.pretrain import PretrainSettings, pretrain
+    from scfm.utils import check_output_path
 
+    check_output_path(out_dir, directory=True)  # written into, not replaced: its checkpoints are continued
     objective = ObjectiveConfig(
         mask_ratio=mask_ratio, zero_mask_ratio=zero_mask_ratio, mask_token_prob=mask_token_prob,
         random_token_prob=random_token_prob, downsample_prob=downsample_prob, downsample_range=downsample_range,
@@ -94,18 +102,19 @@ def pretrain_command(shards, out_dir, mask_ratio, zero_mask_ratio, mask_token_pr
               help="Which model of an official .ckpt.")
 @click.option("--vocab", type=click.Path(), default=None, help="Vocabulary TSV (needed for an official .ckpt).")
 @click.option("--label-key", required=True, help="obs column with the cell-type labels.")
-@click.option("--unfreeze-layers", type=int, default=0, show_default=True,
+@click.option("--unfreeze-layers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Train the last K encoder layers too (0: frozen encoder).")
-@click.option("--encoder-lr-ratio", type=float, default=0.01, show_default=True,
+@click.option("--encoder-lr-ratio", type=non_negative(), default=0.01, show_default=True,
               help="Learning rate of unfrozen encoder layers, relative to --lr.")
-@click.option("--epochs", type=int, default=30, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--patience", type=int, default=5, show_default=True, help="Epochs without val macro-F1 gain.")
-@click.option("--test-size", type=float, default=0.2, show_default=True)
-@click.option("--val-size", type=float, default=0.1, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=positive(), default=1e-3, show_default=True)
+@click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Epochs without val macro-F1 gain.")
+@click.option("--test-size", type=fraction(open_low=True, open_high=True), default=0.2, show_default=True)
+@click.option("--val-size", type=fraction(open_low=True, open_high=True), default=0.1, show_default=True)
 @click.option("--pool", type=click.Choice(["all", "max"]), default="all", show_default=True)
-@click.option("--min-cells-per-class", type=int, default=5, show_default=True,
+@click.option("--min-cells-per-class", type=click.IntRange(min=1), default=5, show_default=True,
               help="Classes with fewer labelled cells are left out (and listed in metrics.json).")
 @step_options
 def finetune_command(input_paths, out_dir, mlflow_uri, seed, quiet, **options):
@@ -115,7 +124,9 @@ def finetune_command(input_paths, out_dir, mlflow_uri, seed, quiet, **options):
     left out and counted in metrics.json.
     """
     from scfm.train.finetune import FinetuneSettings, finetune
+    from scfm.utils import check_output_path
 
+    check_output_path(out_dir, inputs=[*input_paths, options["checkpoint"], options["vocab"]], directory=True)
     settings = FinetuneSettings(input_path=list(input_paths), out_dir=out_dir, seed=seed, quiet=quiet,
                                 mlflow_uri=mlflow_uri, **options)
     metrics = finetune(settings)

@@ -337,6 +337,12 @@ def _check_value_block(values: np.ndarray, path: Path, source: str) -> bool:
     return bool(np.all(values == np.rint(values)))
 
 
+def check_values(values: np.ndarray, path, source: str = "X") -> bool:
+    """Raise on negative, NaN or infinite values; return whether all values are integers (counts).
+    The check every reader runs on every block it reads."""
+    return _check_value_block(np.asarray(values), Path(path), source)
+
+
 def _require_counts(is_counts: bool, source: str, path: Path, required: bool) -> None:
     if required and not is_counts:
         raise ScfmError(
@@ -556,6 +562,12 @@ def read_samplesheet(path: str | os.PathLike) -> pd.DataFrame:
             f"samplesheet is missing column(s) {', '.join(missing)} (header must be sample,path[,batch][,condition])",
             path,
         )
+    known = list(schema["items"]["properties"])
+    unknown = [c for c in sheet.columns if c not in known]
+    if unknown:
+        # a misspelt optional column (`bacth`) would otherwise be dropped without a word
+        raise ScfmError(f"samplesheet has unknown column(s) {', '.join(map(repr, unknown))} "
+                        f"(allowed: {', '.join(known)})", path)
     if sheet.empty:
         raise ScfmError("samplesheet has no rows", path)
     # optional columns left blank are absent, as nf-schema treats them
@@ -580,6 +592,20 @@ def read_samplesheet(path: str | os.PathLike) -> pd.DataFrame:
     if "condition" in frame:
         frame["condition"] = frame["condition"].fillna("")
     return frame
+
+
+def check_samplesheet(path: str | os.PathLike) -> pd.DataFrame:
+    """:func:`read_samplesheet`, then each input's format too (what ``scfm samplesheet check`` runs).
+
+    The format check reads no data: a suffix, or the three files of a 10x matrix directory.
+    """
+    sheet = read_samplesheet(path)
+    for number, row in enumerate(sheet.itertuples(), start=1):
+        try:
+            input_format(row.path)
+        except ScfmError as exc:
+            raise ScfmError(f"row {number} (sample '{row.sample}'): {exc.message}: {row.path}", path) from exc
+    return sheet
 
 
 def _schema_message(error, rows: list[dict]) -> str:

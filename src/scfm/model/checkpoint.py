@@ -13,8 +13,12 @@ The official file is a ``torch.save`` dict with keys ``gene``, ``cell`` and ``rd
 any key we do not know, or any of ours left unfilled, is an error. It carries no vocabulary: pass
 the official gene list (``OS_scRNA_gene_index.19264.tsv``) as ``vocab``.
 
+Every load is checked before a model is returned: a finite config, tensors of the expected shapes with
+finite values, and (our format) a ``vocab.tsv`` whose SHA-256 is the one ``config.json`` recorded.
+
     save_checkpoint(directory, model, config, vocab, *, extra=None) -> Path
     load_checkpoint(path, *, version="ce", vocab=None, map_location="cpu") -> LoadedModel
+    checkpoint_sha256(path, version="ce") -> str          # identity of the weights that are loaded
     write_official_style_checkpoint(path, config, seed=0, *, versions=("gene", "cell", "rde")) -> Path
 """
 
@@ -109,6 +113,12 @@ def _load_directory(directory: Path, vocab, map_location) -> LoadedModel:
     except ScfmError as exc:
         raise ScfmError(exc.message, directory / CONFIG_FILE) from exc
     own_vocab = _load_vocab(directory / VOCAB_FILE)
+    recorded = meta.get("vocab_sha256")
+    if recorded is not None and recorded != own_vocab.sha256:
+        # gene i of the data would feed token i of another gene order: embeddings quietly wrong
+        raise ScfmError(f"does not match {CONFIG_FILE} (vocab_sha256 {str(recorded)[:12]}…, the file has "
+                        f"{own_vocab.sha256[:12]}…): the vocabulary was changed after the model was saved",
+                        directory / VOCAB_FILE)
     if vocab is not None:
         given = _load_vocab(vocab)
         if given.sha256 != own_vocab.sha256:
@@ -138,9 +148,14 @@ def _load_strict(model: XTrimoGene, state: Mapping[str, torch.Tensor], path) -> 
             parts.append(f"missing keys {_first(missing)}")
         raise ScfmError("weights do not match the model: " + "; ".join(parts), path)
     for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ScfmError(f"weights hold a {type(value).__name__} for {key}, not a tensor", path)
         if tuple(value.shape) != tuple(expected[key].shape):
             raise ScfmError(f"shape mismatch for {key}: file {tuple(value.shape)}, model {tuple(expected[key].shape)}",
                             path)
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            # a model with a NaN weight embeds every cell as NaN
+            raise ScfmError(f"weights hold NaN or infinite values ({key})", path)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
 
@@ -234,28 +249,30 @@ def _official_config(entry: Mapping, state: Mapping[str, torch.Tensor], path: Pa
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ScfmError(f"[{key}] unexpected official config layout ({type(exc).__name__}: {exc})", path) from exc
+    except ScfmError as exc:
+        raise ScfmError(f"[{key}] {exc.message}", path) from exc
 
 
 def _load_official(path: Path, version: str, vocab, map_location) -> LoadedModel:
     if version not in VERSION_KEYS:
         raise ScfmError(f"unknown version {version!r} (choose from {', '.join(VERSION_KEYS)})", path)
     key = VERSION_KEYS[version]
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ScfmError(f"not a scfm checkpoint directory nor a loadable official checkpoint ({first_line})",
-                        path) from exc
+    data = _torch_load_weights_only(path)
     if not isinstance(data, Mapping) or key not in data:
         found = ", ".join(map(str, data.keys())) if isinstance(data, Mapping) else type(data).__name__
         raise ScfmError(f"official checkpoint has no {key!r} model for version {version} (found: {found})", path)
     entry = data[key]
     if not isinstance(entry, Mapping) or "state_dict" not in entry or "config" not in entry:
         raise ScfmError(f"[{key}] expected 'config' and 'state_dict' entries", path)
+    if not isinstance(entry["state_dict"], Mapping) or not isinstance(entry["config"], Mapping):
+        raise ScfmError(f"[{key}] 'state_dict' and 'config' must be mappings, got "
+                        f"{type(entry['state_dict']).__name__} and {type(entry['config']).__name__}", path)
     state = {}
     for name, value in entry["state_dict"].items():
         if not str(name).startswith("model."):
             raise ScfmError(f"[{key}] unexpected state-dict key {name!r} (official keys start with 'model.')", path)
+        if not isinstance(value, torch.Tensor):
+            raise ScfmError(f"[{key}] state_dict holds a {type(value).__name__} for {name}, not a tensor", path)
         state[str(name)[len("model."):]] = value
     config = _official_config(entry, state, path, key)
 
@@ -282,6 +299,64 @@ def _load_official(path: Path, version: str, vocab, map_location) -> LoadedModel
     model = XTrimoGene(config)
     _load_strict(model, mapped, path)
     return LoadedModel(model.to(map_location), config, vocab_obj, f"official:{key}:{path}", {"version": version})
+
+
+def _torch_load_weights_only(path: Path):
+    """``torch.load(weights_only=True)``, every failure one line naming the file.
+
+    A file holding pickled objects (which could run code when loaded) is refused outright: torch's
+    own message suggests retrying with ``weights_only=False``, which scfm never does.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" in str(exc).lower():
+            raise ScfmError(f"refused: holds pickled Python objects ({_unsafe_globals(path)}), not only tensors and "
+                            "plain data; loading them could run code", path) from exc
+        raise ScfmError(f"not a scfm checkpoint directory nor a readable official checkpoint ({_first_line(exc)})",
+                        path) from exc
+    except Exception as exc:  # a text file gives KeyError, a truncated one OSError, ...
+        raise ScfmError(f"not a scfm checkpoint directory nor a readable official checkpoint ({_first_line(exc)})",
+                        path) from exc
+
+
+def _unsafe_globals(path: Path) -> str:
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        names = []
+    return ", ".join(sorted(names)[:3]) or "not allowed by torch's weights-only loader"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+# ------------------------------------------------------------------------------ identity
+HASH_BLOCK = 1 << 20  # 1 MiB: checkpoints of 100M parameters are far too large to hash in one read
+
+
+def file_sha256(path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(HASH_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_sha256(checkpoint, version: str = "ce") -> str:
+    """SHA-256 of the weights that are loaded: ``model.safetensors`` of our checkpoint directory, or an
+    official ``.ckpt`` plus the chosen model (``"<sha>:ce"``), since one file holds several models.
+
+    Paths differ between machines and pipeline tasks; this is what says two embeddings share a model.
+    """
+    path = Path(checkpoint)
+    if path.is_dir():
+        return file_sha256(path / WEIGHTS_FILE)
+    return f"{file_sha256(path)}:{version}"
 
 
 # ----------------------------------------------------------- random checkpoint in the official layout

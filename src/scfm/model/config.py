@@ -66,8 +66,13 @@ class ModelConfig:
             raise ScfmError(
                 f"model config: encoder_dim {self.encoder_dim} is not divisible by encoder_heads {self.encoder_heads}"
             )
+        for name in ("bin_alpha", "mask_value", "pad_value", "layer_norm_eps"):
+            if not isinstance(getattr(self, name), (int, float)) or not math.isfinite(getattr(self, name)):
+                raise ScfmError(f"model config: {name} must be a finite number, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ScfmError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+        if self.layer_norm_eps <= 0:
+            raise ScfmError(f"model config: layer_norm_eps must be positive, got {self.layer_norm_eps}")
 
     # ---------------------------------------------------------------- token layout
     @property

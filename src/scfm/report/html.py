@@ -42,6 +42,7 @@ SECTIONS = (
 )
 # sections shown only when their input is given (`scfm report --perturbation DIR`)
 OPTIONAL_SECTIONS = (("perturbation", "Perturbation response"),)
+MIN_CELLS = 3  # and genes: fewer leave no two-component PCA baseline to compare with
 VERSIONED_PACKAGES = ("scfm", "torch", "deepspeed", "scanpy", "anndata", "scikit-learn", "numpy", "mlflow")
 TRAINING_STEPS = ("pretrain", "finetune")
 
@@ -53,16 +54,15 @@ def read_inputs(paths: Sequence[str | os.PathLike], embedding_key: str):
     """Read one or more h5ad files (several are concatenated for a combined report)."""
     import anndata as ad
 
+    from scfm.tasks.annotate import embedding_of
+
     adatas = []
     for path in paths:
         try:
             adata = ad.read_h5ad(path)
         except Exception as exc:
             raise ScfmError(f"cannot read as h5ad ({type(exc).__name__}: {exc})", path) from exc
-        if embedding_key not in adata.obsm:
-            raise ScfmError(
-                f"no embedding obsm['{embedding_key}'] (run `scfm embed` first, or pass --embedding-key)", path
-            )
+        embedding_of(adata, embedding_key, path)  # present, and finite in every cell
         adatas.append(adata)
     if len(adatas) == 1:
         return adatas[0], [dict(adatas[0].uns.get("scfm", {}))]
@@ -375,7 +375,28 @@ def metrics_section(result: dict) -> str:
         parts.append(note("No --label-key: label-based metrics (kNN accuracy, ARI, NMI, silhouette) are skipped."))
     elif "labels" in result:
         parts.append(note(label_coverage_text(result["labels"])))
+    parts.extend(note(f"Not computed: {text}") for text in result.get("skipped", []))
     return "\n".join(parts)
+
+
+def _too_few_for_graph(n_cells: int) -> str:
+    return (f"only {n_cells} cells; the kNN graph behind Leiden clusters and UMAPs needs more than "
+            f"{M.N_NEIGHBORS} (its neighbours per cell).")
+
+
+def skipped_analyses(n_cells: int, embeddings: dict, label_key: str | None) -> list[str]:
+    """What the report leaves out because these cells cannot support it, in words for the reader."""
+    skipped = []
+    if not M.has_graph(n_cells):
+        skipped.append("Leiden clusters, ARI, NMI and UMAPs: " + _too_few_for_graph(n_cells))
+    scored = [values for values in embeddings.values() if "n_labelled_cells" in values]
+    if label_key and scored:
+        if any("silhouette" not in values for values in scored):
+            skipped.append("silhouette: it needs between 2 and (labelled cells - 1) label classes.")
+        if any(values.get("knn_accuracy") is None for values in scored):
+            skipped.append(f"kNN accuracy: it needs two classes with at least {M.KNN_FOLDS} labelled cells each "
+                           f"({M.KNN_FOLDS}-fold cross-validation).")
+    return skipped
 
 
 def training_section(curves: list[tuple[str, dict]]) -> str:
@@ -457,6 +478,9 @@ def load_report_inputs(
 ) -> ReportInputs:
     paths = [os.fspath(p) for p in inputs]
     adata, uns_list = read_inputs(paths, embedding_key)
+    if adata.n_obs < MIN_CELLS or adata.n_vars < MIN_CELLS:
+        raise ScfmError(f"{adata.n_obs} cells x {adata.n_vars} genes: a report needs at least {MIN_CELLS} of each "
+                        "(the PCA baseline has at least two components)", paths[0])
     without_labels = check_label_key(adata, label_key, paths, optional=labels_optional)
     check_obs_key(adata, batch_key, "--batch-key", paths[0])
     qc_summaries = [(f"{Path(p).name}: uns['scfm']['qc']", u["qc"]) for p, u in zip(paths, uns_list) if "qc" in u]
@@ -519,9 +543,11 @@ def build_report(
         result["embeddings"][name], clusters[name] = M.embedding_metrics(
             adata, key, label_key=label_key, batch_key=batch_key, seed=seed
         )
-        sc.tl.umap(adata, random_state=seed)  # on the graph the metrics just built for this embedding
-        coords[name] = adata.obsm["X_umap"].copy()
+        if clusters[name] is not None:
+            sc.tl.umap(adata, random_state=seed)  # on the graph the metrics just built for this embedding
+            coords[name] = adata.obsm["X_umap"].copy()
         bar.update()
+    result["skipped"] = skipped_analyses(adata.n_obs, result["embeddings"], label_key)
     if "scfm_cell_type" in adata.obs and label_key and adata.obs[label_key].notna().any():
         result["annotation"] = M.annotation_metrics(adata.obs["scfm_cell_type"], adata.obs[label_key])
 
@@ -537,9 +563,9 @@ def build_report(
     umap_body = "\n".join(
         f"<h3>coloured by {_e(name)}</h3>\n" + img_tag(plots.umap_pair_png(coords, values, name, seed=seed), name)
         for name, values in colourings
-    )
+    ) if coords else note(f"No UMAPs: {_too_few_for_graph(adata.n_obs)}")
     bar.update()
-    leiden_parts = []
+    leiden_parts = [] if coords else [note(f"No Leiden clusters: {_too_few_for_graph(adata.n_obs)}")]
     for name in coords:
         own = pd.Series(pd.Categorical(clusters[name]), index=adata.obs_names)
         leiden_parts.append(f"<h3>Leiden clusters of the {_e(name)} embedding</h3>")

@@ -50,10 +50,13 @@ def usable_labels(labels) -> np.ndarray | None:
     return values if len(np.unique(values)) >= 2 else None
 
 
-def silhouette(embedding: np.ndarray, labels: np.ndarray, *, seed: int = 0) -> float:
+def silhouette(embedding: np.ndarray, labels: np.ndarray, *, seed: int = 0) -> float | None:
+    """None when it is undefined: it needs between 2 and (cells - 1) label classes."""
     from sklearn.metrics import silhouette_score
 
     keep = _subsample(len(labels), MAX_SILHOUETTE_CELLS, seed)
+    if not 2 <= len(np.unique(labels[keep])) <= len(keep) - 1:
+        return None
     score = silhouette_score(embedding[keep], labels[keep], metric="euclidean")
     return float((score + 1.0) / 2.0)
 
@@ -72,7 +75,9 @@ def knn_accuracy(embedding: np.ndarray, labels: np.ndarray, *, seed: int = 0) ->
         return None
     x, y = x[mask], y[mask]
     folds = StratifiedKFold(KNN_FOLDS, shuffle=True, random_state=seed)
-    scores = cross_val_score(KNeighborsClassifier(n_neighbors=N_NEIGHBORS), x, y, cv=folds)
+    smallest_training_fold = len(y) - int(np.ceil(len(y) / KNN_FOLDS))
+    neighbours = min(N_NEIGHBORS, smallest_training_fold)  # a few dozen cells have fewer than 15 to ask
+    scores = cross_val_score(KNeighborsClassifier(n_neighbors=neighbours), x, y, cv=folds)
     return float(np.mean(scores))
 
 
@@ -86,31 +91,42 @@ def batch_asw(embedding: np.ndarray, batches: np.ndarray, labels: np.ndarray | N
     per_group = []
     for group in np.unique(groups):
         in_group = groups == group
-        if len(np.unique(b[in_group])) < 2 or in_group.sum() < 3:
-            continue  # a label seen in one batch says nothing about mixing
+        if not 2 <= len(np.unique(b[in_group])) <= in_group.sum() - 1:
+            continue  # a label seen in one batch says nothing about mixing (nor one cell per batch)
         scores = silhouette_samples(x[in_group], b[in_group])
         per_group.append(float(np.mean(1.0 - np.abs(scores))))
     return float(np.mean(per_group)) if per_group else float("nan")
 
 
+def has_graph(n_cells: int) -> bool:
+    """Whether there are enough cells for the kNN graph that Leiden and UMAP are built on."""
+    return n_cells > N_NEIGHBORS
+
+
 def embedding_metrics(
     adata, embedding_key: str, *, label_key: str | None, batch_key: str | None, seed: int = 0
-) -> tuple[dict, np.ndarray]:
-    """All metrics of one embedding, plus its Leiden clusters (needed for plots)."""
+) -> tuple[dict, np.ndarray | None]:
+    """All metrics of one embedding, plus its Leiden clusters (needed for plots; None when there are
+    too few cells for a graph, see :func:`has_graph`). Metrics that cannot be computed are left out."""
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     embedding = np.asarray(adata.obsm[embedding_key], dtype=np.float64)
-    clusters = leiden_clusters(adata, embedding_key, seed=seed)
-    result: dict = {"n_dims": int(embedding.shape[1]), "n_leiden_clusters": int(len(np.unique(clusters)))}
+    clusters = leiden_clusters(adata, embedding_key, seed=seed) if has_graph(adata.n_obs) else None
+    result: dict = {"n_dims": int(embedding.shape[1])}
+    if clusters is not None:
+        result["n_leiden_clusters"] = int(len(np.unique(clusters)))
     # label metrics use the labelled cells only (a combined report may join labelled and unlabelled samples)
     labelled = adata.obs[label_key].notna().to_numpy() if label_key else np.zeros(adata.n_obs, dtype=bool)
     labels = usable_labels(adata.obs[label_key][labelled]) if label_key else None
     if labels is not None:
-        x, groups = embedding[labelled], clusters[labelled]
+        x = embedding[labelled]
         result["n_labelled_cells"] = int(labelled.sum())
-        result["ari"] = float(adjusted_rand_score(labels, groups))
-        result["nmi"] = float(normalized_mutual_info_score(labels, groups))
-        result["silhouette"] = silhouette(x, labels, seed=seed)
+        if clusters is not None:
+            result["ari"] = float(adjusted_rand_score(labels, clusters[labelled]))
+            result["nmi"] = float(normalized_mutual_info_score(labels, clusters[labelled]))
+        score = silhouette(x, labels, seed=seed)
+        if score is not None:
+            result["silhouette"] = score
         result["knn_accuracy"] = knn_accuracy(x, labels, seed=seed)
     batches = usable_labels(adata.obs[batch_key]) if batch_key else None
     if batches is not None:

@@ -55,7 +55,17 @@ class Annotation:
 def embedding_of(adata, key: str, path) -> np.ndarray:
     if key not in adata.obsm:
         raise ScfmError(f"no embedding obsm['{key}'] (run `scfm embed` first, or pass --embedding-key)", path)
-    return np.asarray(adata.obsm[key], dtype=np.float32)
+    embedding = np.asarray(adata.obsm[key], dtype=np.float32)
+    check_finite_embedding(embedding, key, path)
+    return embedding
+
+
+def check_finite_embedding(embedding: np.ndarray, key: str, path) -> None:
+    """Refuse NaN or infinite embeddings: neighbours and classifiers cannot place such cells."""
+    bad = np.flatnonzero(~np.isfinite(embedding).all(axis=1)) if embedding.ndim == 2 else []
+    if len(bad):
+        raise ScfmError(f"obsm['{key}'] holds NaN or infinite values in {len(bad)} of {embedding.shape[0]} cells "
+                        f"(first: row {int(bad[0])}); re-embed the file", path)
 
 
 def embed_settings(adata) -> dict | None:
@@ -155,6 +165,7 @@ def annotate_with_classifier(
             f"{query.shape[1]}", input_path,
         )
     check_classifier_settings(adata, classifier.config, input_path)
+    check_classifier_weights(adata, classifier_dir, classifier.config, input_path)
     probabilities = np.asarray(predict_proba(classifier, query), dtype=np.float64)
     classes = [str(c) for c in classifier.labels]
     settings = {"method": "classifier", "classifier": os.fspath(classifier_dir)}
@@ -174,6 +185,31 @@ def check_classifier_settings(adata, classifier_config: dict, input_path) -> Non
     if differing:
         raise ScfmError(f"the input was embedded with other settings than the classifier was trained on "
                         f"({'; '.join(differing)})", input_path)
+
+
+def check_classifier_weights(adata, classifier_dir, classifier_config: dict, input_path) -> None:
+    """The head reads one encoder's embedding space: refuse embeddings from other weights or genes."""
+    import json
+
+    from scfm.model.checkpoint import CONFIG_FILE
+    from scfm.train.finetune import accepted_checkpoint_sha256s
+
+    settings = embed_settings(adata)
+    if settings is None:
+        raise ScfmError("has no uns['scfm']['embed'] settings, so its embedding cannot be confirmed to come from the "
+                        "classifier's encoder (embed it with `scfm embed`)", input_path)
+    accepted = accepted_checkpoint_sha256s(classifier_dir, classifier_config)
+    embedded_with = str(settings.get("checkpoint_sha256"))
+    if embedded_with not in accepted:
+        theirs = " or ".join(sorted(f"{sha[:12]}…" for sha in accepted))
+        raise ScfmError(f"was embedded with other weights than the classifier was trained on (checkpoint_sha256 "
+                        f"{embedded_with[:12]}…, the classifier's {theirs}); embed it with --checkpoint "
+                        f"{classifier_dir}", input_path)
+    vocab_sha = json.loads((Path(classifier_dir) / CONFIG_FILE).read_text()).get("vocab_sha256")
+    embedded_vocab = str(settings.get("vocab_sha256"))
+    if vocab_sha is not None and embedded_vocab != vocab_sha:
+        raise ScfmError(f"was embedded with another vocabulary than the classifier's (vocab_sha256 "
+                        f"{embedded_vocab[:12]}…, the classifier's {vocab_sha[:12]}…)", input_path)
 
 
 def write_annotation(adata, annotation: Annotation, *, embedding_key: str) -> None:

@@ -33,6 +33,7 @@ import torch
 
 from scfm.errors import ScfmError, ScfmUsageError
 from scfm.model import inputs as model_inputs
+from scfm.model.checkpoint import checkpoint_sha256  # noqa: F401  (part of this module's interface)
 from scfm.model.xtrimogene import POOLS, XTrimoGene
 
 OUTPUT_TYPES = ("cell", "gene", "gene-expression")
@@ -154,6 +155,7 @@ def embed_cells(
                     _collect(pending, result, progress)
                     pending = rows, net.cell_embedding(encoded, enc, pool)
                 _collect(pending, result, progress)
+                _check_finite(result, start)
                 out[start:stop] = result
     finally:
         net.train(was_training)
@@ -167,6 +169,14 @@ def _collect(pending, result: np.ndarray, progress) -> None:
     result[rows] = embedding.float().cpu().numpy()
     if progress is not None:
         progress.update(len(rows))
+
+
+def _check_finite(values: np.ndarray, first_row: int) -> None:
+    """Never write a NaN embedding quietly: finite inputs and weights give finite outputs."""
+    bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
+    if bad.size:
+        raise ScfmError(f"the model gave NaN or infinite outputs for {bad.size} cell(s) (first: row "
+                        f"{first_row + int(bad[0])}); the checkpoint or the input values are broken")
 
 
 def _check_width(n_genes: int, expected: int) -> None:
@@ -226,7 +236,9 @@ def _decoder_pass(model, counts, kind, *, totals, target_depth, pre_normalized, 
     if out is None:
         out = np.empty(shape, dtype=np.float32)
     for rows, _, values in batches:
-        out[rows[0] : rows[-1] + 1] = values.float().cpu().numpy()
+        values = values.float().cpu().numpy()
+        _check_finite(values, int(rows[0]))
+        out[rows[0] : rows[-1] + 1] = values
         if progress is not None:
             progress.update(len(rows))
     return out
@@ -256,13 +268,23 @@ def gene_embeddings(model, counts, *, target_depth: str = "t4", totals=None, pre
 
 
 # -------------------------------------------------------------------------------- .h5ad streaming
-class H5adRows:
-    """Row blocks of an ``.h5ad`` matrix (CSR group or dense dataset) read from disk on demand."""
+class NotCountsError(ScfmError):
+    def __init__(self, path):
+        super().__init__("X has non-integer values where raw counts are required (log-normalised data? give the raw "
+                         "counts, or --pre-normalized T for log1p-normalised values)", path)
 
-    def __init__(self, node, path):
+
+class H5adRows:
+    """Row blocks of an ``.h5ad`` matrix (CSR group or dense dataset) read from disk on demand.
+
+    ``check`` validates every block as it is read: ``"counts"`` (raw counts: non-negative integers),
+    ``"values"`` (non-negative and finite, e.g. normalised values) or None.
+    """
+
+    def __init__(self, node, path, check: str | None = None):
         import h5py
 
-        self.node, self.path = node, path
+        self.node, self.path, self.check = node, path, check
         if isinstance(node, h5py.Dataset):
             self.dense = True
             self.shape = tuple(node.shape)
@@ -279,38 +301,19 @@ class H5adRows:
     def __getitem__(self, rows: slice) -> sp.csr_matrix:
         start, stop, _ = rows.indices(self.shape[0])
         if self.dense:
-            return sp.csr_matrix(np.asarray(self.node[start:stop], dtype=np.float32))
-        ptr = np.asarray(self.indptr[start : stop + 1], dtype=np.int64)
-        data = np.asarray(self.node["data"][ptr[0] : ptr[-1]], dtype=np.float32)
-        indices = np.asarray(self.node["indices"][ptr[0] : ptr[-1]], dtype=np.int64)
-        return sp.csr_matrix((data, indices, ptr - ptr[0]), shape=(stop - start, self.shape[1]))
+            block = sp.csr_matrix(np.asarray(self.node[start:stop], dtype=np.float32))
+        else:
+            ptr = np.asarray(self.indptr[start : stop + 1], dtype=np.int64)
+            data = np.asarray(self.node["data"][ptr[0] : ptr[-1]], dtype=np.float32)
+            indices = np.asarray(self.node["indices"][ptr[0] : ptr[-1]], dtype=np.int64)
+            block = sp.csr_matrix((data, indices, ptr - ptr[0]), shape=(stop - start, self.shape[1]))
+        if self.check is not None:
+            from scfm.data.io import check_values
 
+            if not check_values(block.data, self.path, "X") and self.check == "counts":
+                raise NotCountsError(self.path)
+        return block
 
-HASH_BLOCK = 1 << 20  # 1 MiB: checkpoints of 100M parameters are far too large to hash in one read
-
-
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(HASH_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def checkpoint_sha256(checkpoint, version: str = "ce") -> str:
-    """SHA-256 of the weights that are loaded: ``model.safetensors`` of our checkpoint directory, or an
-    official ``.ckpt`` plus the chosen model (``"<sha>:ce"``), since one file holds several models.
-
-    Paths differ between machines and pipeline tasks; this is what says two embeddings share a model.
-    """
-    from scfm.model.checkpoint import WEIGHTS_FILE
-
-    path = Path(checkpoint)
-    if path.is_dir():
-        return _file_sha256(path / WEIGHTS_FILE)
-    return f"{_file_sha256(path)}:{version}"
 
 
 def _is_aligned(path: Path, vocab) -> bool:
@@ -325,6 +328,17 @@ def _is_aligned(path: Path, vocab) -> bool:
             return list(map(str, var.index)) == vocab.genes
     except OSError:
         return False
+
+
+def check_aligned_input(path: Path, pre_normalized: str) -> None:
+    """An input that skips alignment gets the checks alignment runs, before any output is started:
+    cells and genes present, no negative, NaN or infinite value, and integer counts unless the values
+    are declared normalised (``pre_normalized`` T or A). Every block is checked again as it is read."""
+    from scfm.data.io import inspect_h5ad
+
+    info = inspect_h5ad(path, layer="X")  # the first 16M values; zero cells or genes are refused here
+    if pre_normalized == "F" and not info.is_counts:
+        raise NotCountsError(path)
 
 
 def _array_attrs(dataset) -> None:
@@ -456,6 +470,7 @@ def embed_file(
         else:
             staged = input_path if aligned_already else Path(scratch) / "aligned.h5ad"
         if aligned_already:
+            check_aligned_input(input_path, pre_normalized)
             if staged != input_path:
                 shutil.copyfile(input_path, staged)
         elif pre_normalized != "F":
@@ -469,7 +484,7 @@ def embed_file(
 
         mode = "r" if staged == input_path else "r+"
         with h5py.File(staged, mode) as handle:
-            rows = H5adRows(handle["X"], input_path)
+            rows = H5adRows(handle["X"], input_path, check="counts" if pre_normalized == "F" else "values")
             n_cells = rows.shape[0]
             totals = _obs_totals(handle, input_path) if pre_normalized == "A" else None
             if output_type == "cell":

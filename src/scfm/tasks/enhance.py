@@ -105,20 +105,24 @@ def read_aligned(input_path, vocab):
 
     from scfm.data.align import align_adata
 
+    from scfm.data.io import check_values
+
     try:
         adata = ad.read_h5ad(input_path)
     except Exception as exc:
         raise ScfmError(f"cannot read as h5ad ({type(exc).__name__}: {exc})", input_path) from exc
+    if adata.n_obs == 0:
+        raise ScfmError("input has zero cells", input_path)
+    counts = sp.csr_matrix(adata.X, dtype=np.float32)
+    if not check_values(counts.data, input_path, "X"):  # before alignment sums genes together
+        raise ScfmError("X does not hold raw counts (enhancement needs integer counts, e.g. an aligned h5ad)",
+                        input_path)
     if list(map(str, adata.var_names)) != vocab.genes:
         try:
             adata, _ = align_adata(adata, vocab, min_coverage=0.3)
         except ScfmError as exc:
             raise ScfmError(exc.message, input_path) from exc
-    counts = sp.csr_matrix(adata.X, dtype=np.float32)
-    sample = counts.data[:100_000]
-    if sample.size and (sample.min() < 0 or not np.allclose(sample, np.rint(sample))):
-        raise ScfmError("X does not hold raw counts (enhancement needs integer counts, e.g. an aligned h5ad)",
-                        input_path)
+        counts = sp.csr_matrix(adata.X, dtype=np.float32)
     empty = np.flatnonzero(np.asarray(counts.sum(axis=1)).ravel() <= 0)
     if empty.size:
         raise ScfmError(f"{empty.size} cell(s) have no counts in the vocabulary's genes (run scfm qc first)",

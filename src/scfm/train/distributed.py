@@ -132,8 +132,20 @@ def init_distributed(launch: LaunchEnv | None = None) -> LaunchEnv:
     if use_cuda():
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
     if not torch.distributed.is_initialized():
+        if not use_cuda():
+            skip_shared_memory_comm_op(deepspeed)
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda() else "gloo", verbose=False)
     return launch
+
+
+def skip_shared_memory_comm_op(deepspeed) -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op at start-up.
+
+    Training needs only gloo (the op serves inference all-reduce). The build takes minutes on first use and
+    holds a file lock in the torch extensions cache; a process killed mid-build (a preempted or cancelled
+    task) leaves that lock behind, and every later run on the machine then waits on it forever.
+    """
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 # ---------------------------------------------------------------------------- DeepSpeed config

@@ -155,6 +155,7 @@ class Classifier(NamedTuple):
 
 def load_classifier(directory) -> Classifier:
     """Read a classifier directory written by ``scfm finetune``."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from scfm.model.checkpoint import load_checkpoint
@@ -167,11 +168,36 @@ def load_classifier(directory) -> Classifier:
         config = json.loads((directory / LABELS_FILE).read_text())
         labels = [str(label) for label in config["labels"]]
         head = ClassifierHead(int(config["embedding_dim"]), len(labels), int(config["hidden_dim"]))
-        head.load_state_dict(load_file(str(directory / HEAD_FILE)))
-    except (json.JSONDecodeError, KeyError, TypeError, RuntimeError, OSError) as exc:
-        raise ScfmError(f"unreadable classifier ({exc})", directory) from exc
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError) as exc:
+        raise ScfmError(f"unreadable classifier labels ({type(exc).__name__}: {exc})", directory / LABELS_FILE) from exc
+    try:
+        weights = load_file(str(directory / HEAD_FILE))
+        head.load_state_dict(weights)
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        raise ScfmError(f"unreadable classifier head ({_first_line(exc)})", directory / HEAD_FILE) from exc
+    if not all(bool(torch.isfinite(w).all()) for w in weights.values() if w.is_floating_point()):
+        raise ScfmError("classifier head holds NaN or infinite weights", directory / HEAD_FILE)
     loaded = load_checkpoint(directory)
     return Classifier(loaded.model.eval(), head.eval(), labels, config)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def accepted_checkpoint_sha256s(classifier_dir, config: dict) -> set[str]:
+    """The ``checkpoint_sha256`` values (see ``scfm embed``) of embeddings this classifier's head can read.
+
+    Embedding with the classifier directory itself gives the weights it was trained with; with the
+    encoder frozen during fine-tuning, the checkpoint it started from gives the same embeddings.
+    """
+    from scfm.model.checkpoint import checkpoint_sha256
+
+    accepted = {config.get("checkpoint_sha256") or checkpoint_sha256(classifier_dir)}
+    if int(config.get("unfreeze_layers", 0)) == 0 and config.get("source_checkpoint_sha256"):
+        accepted.add(config["source_checkpoint_sha256"])
+    return accepted
 
 
 def predict_proba(classifier: Classifier, embeddings, batch_size: int = 4096) -> np.ndarray:
@@ -220,6 +246,11 @@ def _read_aligned(path: Path, vocab):
                         f"{vocab.sha256[:12]}…)", path)
     if adata.n_vars != len(vocab):
         raise ScfmError(f"{adata.n_vars} genes, the checkpoint's vocabulary has {len(vocab)}", path)
+    from scfm.data.io import check_values
+
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    if not check_values(adata.X.data, path, "X"):  # what scfm align guarantees; a hand-made file may not
+        raise ScfmError("X does not hold raw counts (an aligned h5ad from `scfm align` does)", path)
     return adata
 
 
@@ -457,7 +488,8 @@ def finetune(settings: FinetuneSettings) -> dict:
     from safetensors.torch import save_file
 
     from scfm import tracking
-    from scfm.model.checkpoint import load_checkpoint, save_checkpoint
+    from scfm.model.checkpoint import (WEIGHTS_FILE, checkpoint_sha256, file_sha256, load_checkpoint,
+                                       save_checkpoint)
     from scfm.utils import seed_everything
 
     settings.validate()
@@ -502,12 +534,15 @@ def finetune(settings: FinetuneSettings) -> dict:
             "labels": classes, "label_key": settings.label_key, "embedding_dim": int(head.net[0].in_features),
             "hidden_dim": settings.hidden_dim, "pool": settings.pool, "target_depth": TARGET_DEPTH,
             "pre_normalized": PRE_NORMALIZED, "unfreeze_layers": settings.unfreeze_layers,
-            "source_checkpoint": loaded.source,
+            "source_checkpoint": loaded.source, "vocab_sha256": vocab.sha256,
+            "source_checkpoint_sha256": checkpoint_sha256(settings.checkpoint, settings.ckpt_version),
         }
         with atomic_output(out_dir) as tmp:
             save_checkpoint(tmp, model, loaded.config, vocab,
                             extra={"finetune": {"label_key": settings.label_key,
                                                 "unfreeze_layers": settings.unfreeze_layers}})
+            # what `scfm embed --checkpoint <this directory>` records; annotate compares the two
+            label_config["checkpoint_sha256"] = file_sha256(tmp / WEIGHTS_FILE)
             save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp / HEAD_FILE))
             (tmp / LABELS_FILE).write_text(json.dumps(label_config, indent=2) + "\n")
             (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")

@@ -51,6 +51,7 @@ import torch
 
 from scfm.errors import ScfmError, ScfmUsageError
 from scfm.train.objective import Batch, ObjectiveConfig, make_batch, masked_mse, step_generator
+from scfm.train.safe_load import refuse_unsafe_files, weights_only_loads
 from scfm.utils import atomic_output, progress
 
 CHECKPOINTS = "checkpoints"
@@ -333,7 +334,9 @@ def load_training_state(engine, checkpoint_dir: Path, tag: str, dataset, rank: i
     if not rank_file.is_file():
         raise ScfmError(f"--resume: checkpoint {tag} has no state for rank {rank} (was it written with another "
                         "number of processes?)", checkpoint_dir)
-    load_path, _ = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+    refuse_unsafe_files(checkpoint_dir / tag)  # the run directory may be writable by others: unpickle nothing
+    with weights_only_loads(checkpoint_dir / tag):
+        load_path, _ = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
     if load_path is None:
         raise ScfmError(f"--resume: DeepSpeed could not load checkpoint {tag}", checkpoint_dir)
     state = json.loads(rank_file.read_text())
@@ -379,7 +382,8 @@ def consolidated_state_dict(engine, checkpoint_dir: Path, tag: str) -> dict[str,
     """Full fp32 weights from a (possibly ZeRO-3 partitioned, possibly bf16) DeepSpeed checkpoint."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports on stdout, which holds our metrics JSON
+    # DeepSpeed reports on stdout, which holds our metrics JSON; a resumed run may read a checkpoint it did not write
+    with contextlib.redirect_stdout(sys.stderr), weights_only_loads(checkpoint_dir / tag):
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     # buffers (e.g. the Performer's random features) are never partitioned; take them from the module
     for name, buffer in engine.module.named_buffers():
