@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from scfm.cli.common import step_options
+from scfm.cli.common import check_outputs, fraction, positive, step_options
 
 _GO_DB_HELP = ("Directory with org.Hs.eg.sqlite and GO.sqlite (`make go`); default $SCFM_GO_DIR, else "
                "~/.cache/scfm/go.")
@@ -55,14 +55,14 @@ def genes_group():
               help="Refuse a --groupby group with fewer cells than this.")
 @click.option("--n-neighbors", type=click.IntRange(min=2), default=15, show_default=True,
               help="Neighbours per gene in the cosine kNN graph.")
-@click.option("--resolution", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--resolution", type=positive(), default=1.0, show_default=True,
               help="Leiden resolution (higher: more, smaller modules).")
 @click.option("--min-module-size", type=click.IntRange(min=1), default=5, show_default=True,
               help="Genes of smaller Leiden communities are left unassigned (module -1).")
 @click.option("--enrichment/--no-enrichment", default=True, show_default=True,
               help="GO Biological Process enrichment of each module (needs the GO database).")
 @click.option("--go-db", type=click.Path(file_okay=False, path_type=Path), default=None, help=_GO_DB_HELP)
-@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True), default=0.05, show_default=True,
+@click.option("--alpha", type=fraction(open_low=True), default=0.05, show_default=True,
               help="A module is enriched when a term has a BH-adjusted p-value below this.")
 @click.option("--baseline", type=click.Choice(["pca", "none"]), default="pca", show_default=True,
               help="Also run the same Leiden procedure on PCA-loading gene embeddings and report its enrichment.")
@@ -75,10 +75,12 @@ def modules_command(input_path, output, checkpoint, vocab_path, version, groupby
     from scfm import tracking
     from scfm.errors import ScfmUsageError
     from scfm.tasks.genes.steps import gene_modules_file
-    from scfm.utils import seed_everything
+    from scfm.utils import check_output_path, seed_everything
 
     if checkpoint is None:
         raise ScfmUsageError("--checkpoint is required")
+    # the output folder is replaced whole: none of the inputs may be it or lie inside it
+    check_output_path(output, inputs=[input_path, checkpoint, vocab_path, go_db], directory=True)
     seed_everything(seed)
     params = {"input": str(input_path), "output": str(output), "checkpoint": str(checkpoint), "version": version,
               "groupby": groupby, "min_cells": min_cells, "max_cells_per_group": max_cells_per_group,
@@ -146,6 +148,7 @@ def network_command(input_path, output, tf_list, checkpoint, vocab_path, version
     from scfm.tasks.genes.steps import gene_network_file
     from scfm.utils import seed_everything
 
+    check_outputs(output, inputs=[input_path, tf_list, checkpoint, vocab_path])
     seed_everything(seed)
     params = {"input": str(input_path), "output": str(output), "tf_list": str(tf_list), "checkpoint": str(checkpoint),
               "version": version, "groupby": groupby, "group": group, "min_cells": min_cells,
