@@ -455,7 +455,8 @@ def gene_network_file(
             raise ScfmUsageError("--group needs --groupby with a cells h5ad")
         options = EmbeddingOptions(min_cells, max_cells_per_group, target_depth, batch_size, device, precision, seed)
         names, vectors, present = _network_embeddings(input_path, checkpoint, version, vocab, tfs, tf_list, options,
-                                                      groupby=groupby, group=group, quiet=quiet)
+                                                      groupby=groupby, group=group, quiet=quiet,
+                                                      scratch_dir=Path(output_path).parent)
         source = {"cells": str(input_path), "checkpoint": str(checkpoint)}
     scores = tf_target_scores(vectors, present)
     table = edge_table(names, present, scores, top_targets=top_targets, style=style)
@@ -474,12 +475,14 @@ def _check_tfs(present: np.ndarray, tfs: list[str], names: list[str], tf_list) -
 
 
 def _network_embeddings(input_path, checkpoint, version, vocab, tfs, tf_list, options: EmbeddingOptions, *,
-                        groupby, group, quiet):
+                        groupby, group, quiet, scratch_dir: Path):
     from scfm.model.checkpoint import load_checkpoint
     from scfm.tasks.genes.network import match_tfs
 
     loaded = load_checkpoint(checkpoint, version=version, vocab=vocab)
-    with tempfile.TemporaryDirectory(dir=Path(input_path).parent, prefix=".scfm-genes-") as scratch, \
+    # scratch beside the output, as for `genes modules`: the input's folder may not be writable
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch_dir, prefix=".scfm-genes-") as scratch, \
             open_cells(input_path, loaded.vocab, Path(scratch), quiet=quiet) as cells:
         codes, group_names = group_codes(cells.obs, groupby, input_path, min_group_cells=1)
         restrict = None
