@@ -1,6 +1,6 @@
 """Why is the demo's scfm embedding weaker than PCA, and which demo settings help?
 
-    python bench/demo_quality.py [--work DIR] [--only NAME ...]
+    python bench/demo_quality.py [--work DIR] [--only NAME ...] [--checkpoint NAME=DIR ...]
 
 Prepares the demo's two samples once (QC → vocab → align, as ``scfm demo`` does), then for each
 configuration in ``CONFIGS`` pretrains on sample ``pbmc_a`` only (a separate ``scfm pretrain``
@@ -14,9 +14,15 @@ process) and measures, on the demo data:
   dimension) and target depths, next to 50 PCs of log1p(CP10k);
 - **Leiden ARI** for the pool the demo uses;
 - **collapse**: the share of total variance in the top 5 dimensions, and the mean cosine similarity
-  between random pairs of cells.
+  between random pairs of cells;
+- **depth response**: ``pbmc_b`` cells thinned to a fifth of their counts, predicted with T = S and with T
+  = S + 0.7 (their depth before thinning): the mean prediction at the genes the thinned input lost (a
+  depth-aware model raises it when asked for more depth), and the error of the T = S + 0.7 prediction
+  against the un-thinned profile next to that of a copy of the thinned input.
 
-Prints one markdown table. Every pretraining run is its own process, so timings include start-up.
+``--checkpoint NAME=DIR`` adds an existing checkpoint (e.g. one trained by an earlier scfm) to the
+table, measured the same way. Prints one markdown table. Every pretraining run is its own process, so
+timings include start-up.
 """
 
 from __future__ import annotations
@@ -34,17 +40,22 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 SCFM = str(Path(sys.executable).with_name("scfm"))
 
-# name -> (pretrain flags, optional custom model shape). Steps x micro batch = cells seen.
+# name -> settings: steps, micro batch (mb), lr, warmup (default steps // 10), extra `scfm pretrain` flags,
+# optional custom model shape. Steps x micro batch = cells seen. Everything not given is the recipe's default.
 CONFIGS: dict[str, dict] = {
     "random init (0 steps)": {"steps": 0},
-    "demo before: tiny 150x16 lr2e-3": {"steps": 150, "mb": 16, "lr": 2e-3},
-    "tiny 150x16 lr5e-4": {"steps": 150, "mb": 16, "lr": 5e-4},
-    "tiny 400x16 lr2e-3": {"steps": 400, "mb": 16, "lr": 2e-3},
-    "tiny 800x16 lr2e-3": {"steps": 800, "mb": 16, "lr": 2e-3},
-    "tiny 150x16 lr2e-3 mask0.5": {"steps": 150, "mb": 16, "lr": 2e-3, "mask": 0.5},
-    "tiny 150x16 lr2e-3 no thinning": {"steps": 150, "mb": 16, "lr": 2e-3, "downsample": 0.0},
-    "wide 128d x2 150x16 lr1e-3": {"steps": 150, "mb": 16, "lr": 1e-3,
-                                    "shape": dict(encoder_dim=128, encoder_heads=4, encoder_ff_dim=512)},
+    "demo now: tiny 800x16 lr2e-3": {"steps": 800, "mb": 16, "lr": 2e-3},
+    "tiny 800x16 lr5e-4": {"steps": 800, "mb": 16, "lr": 5e-4},
+    "thinning from 200 counts, tiny 800x16 lr5e-4": {"steps": 800, "mb": 16, "lr": 5e-4,
+                                                      "flags": ["--downsample-min-total", "200"]},
+    "tiny 800x16 lr2e-3 dropout 0": {"steps": 800, "mb": 16, "lr": 2e-3, "flags": ["--encoder-dropout", "0"]},
+    "tiny 800x16 lr2e-3 old optimiser/init": {
+        "steps": 800, "mb": 16, "lr": 2e-3, "init": "small-normal",
+        "flags": ["--weight-decay", "0.01", "--adam-betas", "0.9", "0.95", "--encoder-dropout", "0",
+                  "--performer-redraw-interval", "0"]},
+    "tiny 150x16 lr2e-3": {"steps": 150, "mb": 16, "lr": 2e-3},
+    "wide 128d x2 800x16 lr1e-3": {"steps": 800, "mb": 16, "lr": 1e-3,
+                                   "shape": dict(encoder_dim=128, encoder_heads=4, encoder_ff_dim=512)},
 }
 POOL_VIEWS = ("all", "all z-scored", "S", "T", "gene max", "gene mean", "max")
 
@@ -97,7 +108,7 @@ def pretrain(work: Path, name: str, spec: dict) -> tuple[Path, float]:
     config = ModelConfig.preset("tiny", n_genes=len(vocab)).replace(**spec.get("shape", {}))
     init = out / "init"
     torch.manual_seed(0)
-    save_checkpoint(init, XTrimoGene(config, seed=0), config, vocab)
+    save_checkpoint(init, XTrimoGene(config, seed=0, init=spec.get("init", "pytorch")), config, vocab)
     if spec["steps"] == 0:
         return init, 0.0
     began = time.perf_counter()
@@ -105,9 +116,8 @@ def pretrain(work: Path, name: str, spec: dict) -> tuple[Path, float]:
     subprocess.run([SCFM, "pretrain", "--shards", str(work / "shards" / "pbmc_a"), "-o", str(out / "pretrain"),
                     "--init-checkpoint", str(init), "--max-steps", str(spec["steps"]),
                     "--micro-batch-size", str(spec["mb"]), "--lr", str(spec["lr"]),
-                    "--warmup-steps", str(max(1, spec["steps"] // 10)), "--save-every", str(spec["steps"]),
-                    "--mask-ratio", str(spec.get("mask", 0.3)),
-                    "--downsample-prob", str(spec.get("downsample", 0.5)),
+                    "--warmup-steps", str(spec.get("warmup", max(1, spec["steps"] // 10))),
+                    "--save-every", str(spec["steps"]), *spec.get("flags", []),
                     "--mlflow-uri", f"sqlite:///{work / 'mlflow.db'}", "--quiet"],
                    check=True, env=env, stdout=subprocess.DEVNULL)
     return out / "pretrain" / "model", time.perf_counter() - began
@@ -126,22 +136,55 @@ def held_out_loss(model, records: list[dict], mean_profile: np.ndarray | None = 
     model.eval()
     with torch.no_grad():
         for start in range(0, len(records), 32):
-            batch = make_batch(records[start : start + 32], n_genes, ObjectiveConfig(), rng)
-            n = float(batch.loss_mask.sum())
+            batch = make_batch(records[start : start + 32], n_genes, ObjectiveConfig(), rng, model.config)
+            n = float(batch.targets.numel())
             if mean_profile is None:
                 loss = pretraining_loss(model, batch, torch.float32, "cpu")
             else:
-                guess = torch.from_numpy(np.broadcast_to(mean_profile, batch.target.shape).copy())
-                loss = masked_mse(guess, batch.target, batch.loss_mask)
+                loss = masked_mse(torch.from_numpy(mean_profile[batch.positions[:, 1].numpy()]), batch.targets)
             total, weight = total + float(loss) * n, weight + n
     return total / weight
 
 
 def mean_target_profile(records: list[dict], n_genes: int) -> np.ndarray:
-    from scfm.train.objective import ObjectiveConfig, make_batch
+    """Each gene's mean normalised expression (log1p of counts per 10k) over ``records``, un-thinned."""
+    profile = np.zeros(n_genes, dtype=np.float64)
+    for cell in records:
+        total = max(float(cell["total_counts"]), float(cell["counts"].sum()), 1.0)
+        profile[cell["gene_ids"]] += np.log1p(cell["counts"] / total * 1e4)
+    return (profile / len(records)).astype(np.float32)
 
-    batch = make_batch(records, n_genes, ObjectiveConfig(downsample_prob=0.0), np.random.default_rng(0))
-    return batch.target.numpy().mean(axis=0)
+
+def depth_response(model, records: list[dict], keep: float = 0.2) -> dict:
+    """Predictions for thinned cells at T = S and T = S + log10(1/keep); see the module docstring."""
+    import scipy.sparse as sp
+    import torch
+
+    from scfm.model import inputs as I
+
+    n_genes = model.config.n_genes
+    rng = np.random.default_rng(9)
+    full = np.zeros((len(records), n_genes), np.float32)
+    original = np.zeros_like(full)
+    for row, cell in enumerate(records):
+        full[row, cell["gene_ids"]] = cell["counts"]
+        total = max(float(cell["total_counts"]), float(cell["counts"].sum()))
+        original[row, cell["gene_ids"]] = np.log1p(cell["counts"] / total * 1e4)
+    counts = rng.binomial(np.rint(full).astype(np.int64), keep).astype(np.float32)
+    nonempty = counts.sum(axis=1) > 0
+    thinned, reference = sp.csr_matrix(counts[nonempty]), original[nonempty]
+    norm, totals = I.normalize_counts(thinned)
+    missed = norm.toarray() == 0
+    out = {}
+    with torch.no_grad():
+        for added in (0.0, float(np.log10(1 / keep))):
+            target, source = I.depth_tokens(totals, f"a{added:.4f}")
+            pred = model(I.decoder_batch_from_csr(norm, target, source, model.config))[:, :n_genes].numpy()
+            out[added] = pred
+    deeper = out[float(np.log10(1 / keep))]
+    return {"missed_at_S": round(float(out[0.0][missed].mean()), 3), "missed_at_T": round(float(deeper[missed].mean()), 3),
+            "mse_restored": round(float(np.mean((deeper - reference) ** 2)), 3),
+            "mse_copy": round(float(np.mean((norm.toarray() - reference) ** 2)), 3)}
 
 
 def pool_views(model, counts, target_depth: str) -> dict[str, np.ndarray]:
@@ -181,6 +224,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/scfm_demo_quality"))
     parser.add_argument("--only", action="append", help="run only configurations whose name contains this")
     parser.add_argument("--depths", default="t4,a0", help="target depths to embed with (comma-separated)")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR",
+                        help="also measure an existing checkpoint")
     args = parser.parse_args()
 
     import anndata as ad
@@ -203,16 +248,18 @@ def main() -> None:
 
     rows = []
     depths = args.depths.split(",")
-    for name, spec in CONFIGS.items():
-        if args.only and not any(o in name for o in args.only):
+    given = [(text.split("=", 1)[0], {"checkpoint": Path(text.split("=", 1)[1])}) for text in args.checkpoint]
+    for name, spec in [*CONFIGS.items(), *given]:
+        if args.only and not any(o in name for o in args.only) and "checkpoint" not in spec:
             continue
-        checkpoint, seconds = pretrain(args.work, name, spec)
+        checkpoint, seconds = (spec["checkpoint"], 0.0) if "checkpoint" in spec else pretrain(args.work, name, spec)
         model = load_checkpoint(checkpoint).model.float().eval()
         if not rows:
             mean_loss = held_out_loss(model, held_out, mean_target_profile(train_records, model.config.n_genes))
             print(f"held-out loss of the per-gene mean predictor: {mean_loss:.4f}", flush=True)
         loss = held_out_loss(model, held_out)
-        row = {"config": name, "pretrain_s": round(seconds, 1), "held_out_loss": round(loss, 4)}
+        row = {"config": name, "pretrain_s": round(seconds, 1), "held_out_loss": round(loss, 4),
+               **depth_response(model, held_out)}
         for depth in depths:
             views = pool_views(model, train.X, depth)
             for view in POOL_VIEWS:

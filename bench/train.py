@@ -4,6 +4,19 @@
     .venv/bin/python bench/train.py --preset tiny --nproc 2           # tiny, CPU, 2 processes (gloo)
     .venv/bin/python bench/train.py --preset base-100m --genes 19264 --micro-batch-size 8 --steps 30 \
         --peak-tflops 989                                             # one H100: ZeRO-2 bf16, MFU
+    .venv/bin/python bench/train.py --mode genes                      # cost against vocabulary size
+
+``--mode genes`` measures how one training step's cost grows with the vocabulary: the tiny and small
+presets at 763, 4,000, 8,862 and 19,264 genes, with synthetic cells of PBMC-like sparsity (200-400
+nonzero genes) at every size and of realistic sparsity (1,000-3,000 nonzero genes) at 4,000 genes
+and up. Every configuration lives in this one process and the configurations take turns, step by
+step, for ``--rounds`` rounds, so load from other jobs hits them alike; a fp32 GEMM (1,024-cube) is
+timed in every round too, as the peak the steps are measured against. Each step is timed in parts:
+building the batch (objective), forward, backward, optimizer. The FLOP estimate per cell counts
+what the model must compute: the encoder over the cell's real (unpadded) tokens, every decoder
+layer over all ``n_genes + 2`` positions (dense layers, random-feature maps and linear attention),
+the decoder input's shared position projection (once per batch) and its per-token corrections;
+training = 3 x forward. "of peak" = FLOP estimate x cells/s / the GEMM rate.
 
 Each configuration runs ``scfm pretrain`` in a subprocess (under ``torch.distributed.run`` when
 ``--nproc`` > 1) and reads its ``train_log.jsonl``: cells/s is the median over steps after the first
@@ -80,6 +93,150 @@ def training_flops_per_cell(config, encoder_tokens: float) -> float:
     return 3.0 * (encoder + decoder + embed_and_head)
 
 
+def forward_flops_per_cell(config, encoder_tokens: float, batch_size: int, decoder_tokens: float) -> float:
+    """One cell's forward FLOPs as this implementation computes them (see the module docstring)."""
+    encoder = config.encoder_flops_per_token(int(round(encoder_tokens))) * encoder_tokens
+    inner, dd, m, e = (config.decoder_heads * config.decoder_head_dim, config.decoder_dim,
+                       config.performer_features, config.decoder_head_dim)
+    dense = 2 * (3 * dd * inner + inner * dd + 2 * dd * config.decoder_ff_dim)
+    attention = 2 * config.decoder_heads * (4 * m * e + m)  # q, k features; context; output; normaliser
+    decoder = config.decoder_layers * (dense + attention) * config.n_positions
+    decoder_input = 2 * config.encoder_dim * dd * (config.n_positions / batch_size + decoder_tokens)
+    return encoder + decoder + decoder_input
+
+
+def synthetic_cells(n_genes: int, n_cells: int, nnz_range: tuple[int, int], seed: int) -> list[dict]:
+    """Shard-like records: ``nnz`` nonzero genes per cell at random positions, NB-like counts."""
+    rng = np.random.default_rng(seed)
+    cells = []
+    for _ in range(n_cells):
+        nnz = int(min(rng.integers(*nnz_range, endpoint=True), n_genes // 2))
+        ids = np.sort(rng.choice(n_genes, size=nnz, replace=False)).astype(np.int32)
+        counts = (rng.negative_binomial(1, 0.35, size=nnz) + 1).astype(np.float32)
+        cells.append({"gene_ids": ids, "counts": counts, "total_counts": float(counts.sum() * 1.05)})
+    return cells
+
+
+def token_counts(batch) -> tuple[int, int]:
+    """(encoder tokens, hidden genes) of a batch; also for the dense batches of scfm before 0.x sparse inputs."""
+    if hasattr(batch, "inputs"):
+        return int((~batch.inputs.encoder.padding_mask).sum()), int(batch.inputs.hidden.shape[0])
+    visible = ((batch.values > 0) & ~batch.hidden).sum()  # the dense (cells x genes) layout
+    return int(visible) + 2 * len(batch), int(batch.hidden.sum())
+
+
+class GeneScalingCase:
+    """One (preset, vocabulary, sparsity) configuration: model, optimizer, cells, timings."""
+
+    def __init__(self, preset: str, n_genes: int, nnz_range: tuple[int, int], batch_size: int):
+        import torch
+
+        from scfm.model.config import ModelConfig
+        from scfm.model.xtrimogene import XTrimoGene
+
+        self.preset, self.n_genes, self.nnz_range, self.batch_size = preset, n_genes, nnz_range, batch_size
+        self.config = ModelConfig.preset(preset, n_genes=n_genes)
+        self.model = XTrimoGene(self.config, seed=0).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.cells = synthetic_cells(n_genes, 4 * batch_size, nnz_range, seed=n_genes)
+        self.parts: dict[str, list[float]] = {"batch": [], "forward": [], "backward": [], "optimizer": []}
+        self.encoder_tokens: list[float] = []
+        self.decoder_tokens: list[float] = []
+        self.steps = 0
+
+    def step(self) -> None:
+        import torch
+
+        from scfm.train.objective import ObjectiveConfig, make_batch, step_generator
+        from scfm.train.pretrain import pretraining_loss
+
+        first = (self.steps % 4) * self.batch_size
+        clock = time.perf_counter()
+        batch = make_batch(self.cells[first : first + self.batch_size], self.n_genes, ObjectiveConfig(),
+                           step_generator(0, self.steps))
+        marks = [time.perf_counter()]
+        loss = pretraining_loss(self.model, batch, torch.float32, "cpu")
+        marks.append(time.perf_counter())
+        loss.backward()
+        marks.append(time.perf_counter())
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        marks.append(time.perf_counter())
+        for name, start, stop in zip(self.parts, [clock, *marks], marks):
+            self.parts[name].append(stop - start)
+        real, hidden = token_counts(batch)
+        self.encoder_tokens.append(real / self.batch_size)
+        self.decoder_tokens.append((real + hidden) / self.batch_size)
+        self.steps += 1
+
+    def summary(self, skip: int, gemm_gflops: float) -> dict:
+        part = {name: statistics.median(times[skip:]) for name, times in self.parts.items()}
+        step = sum(part.values())
+        cells_per_s = self.batch_size / step
+        flops = 3 * forward_flops_per_cell(self.config, float(np.mean(self.encoder_tokens)), self.batch_size,
+                                           float(np.mean(self.decoder_tokens)))
+        nnz = float(np.mean([c["gene_ids"].size for c in self.cells]))
+        return {
+            "preset": self.preset, "n_genes": self.n_genes, "nnz_per_cell": round(nnz),
+            "cells_per_s": round(cells_per_s, 2), "ms_per_cell": round(1e3 * step / self.batch_size, 2),
+            **{f"{name}_share": round(t / step, 3) for name, t in part.items()},
+            "train_gflop_per_cell": round(flops / 1e9, 3),
+            "achieved_gflop_s": round(flops * cells_per_s / 1e9, 2),
+            "of_gemm_peak": round(flops * cells_per_s / 1e9 / gemm_gflops, 3),
+        }
+
+
+def gemm_gflops(size: int = 1024, repeats: int = 3) -> float:
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
+
+
+def gene_scaling(args) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    cases = []
+    for preset in args.presets.split(","):
+        for n_genes in args.gene_sizes:
+            cases.append(GeneScalingCase(preset, n_genes, (200, 400), args.micro_batch_size))
+            if n_genes >= 4000:
+                cases.append(GeneScalingCase(preset, n_genes, (1000, 3000), args.micro_batch_size))
+    load_before = os.getloadavg()
+    peaks = []
+    for round_ in range(args.rounds):
+        peaks.append(gemm_gflops())
+        for case in cases:
+            case.step()
+        print(f"round {round_ + 1}/{args.rounds} done (GEMM {peaks[-1]:.0f} GFLOP/s)", file=sys.stderr, flush=True)
+    peak = statistics.median(peaks[args.warmup:] or peaks)
+    rows = [case.summary(args.warmup, peak) for case in cases]
+    for row in rows:  # cost per cell relative to the smallest vocabulary of the same preset and sparsity
+        base = min((r for r in rows if r["preset"] == row["preset"] and abs(r["nnz_per_cell"] - row["nnz_per_cell"])
+                    < 0.3 * row["nnz_per_cell"]), key=lambda r: r["n_genes"])
+        row["time_ratio"] = round(row["ms_per_cell"] / base["ms_per_cell"], 2)
+        row["gene_ratio"] = round(row["n_genes"] / base["n_genes"], 2)
+    return {"machine": machine(), "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()], "gemm_gflops_median": round(peak, 1),
+            "micro_batch_size": args.micro_batch_size, "rounds": args.rounds, "threads": args.threads, "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    keys = ["preset", "n_genes", "nnz_per_cell", "cells_per_s", "ms_per_cell", "gene_ratio", "time_ratio",
+            "batch_share", "forward_share", "backward_share", "optimizer_share", "train_gflop_per_cell",
+            "achieved_gflop_s", "of_gemm_peak"]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in result["rows"]]
+    return "\n".join(lines)
+
+
 def run_pretrain(args, shards: Path, vocab: Path, out: Path) -> float:
     scfm = [str(REPO / "bin" / "scfm-pretrain")]
     if args.nproc > 1:
@@ -107,16 +264,33 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", default="pretrain", choices=["pretrain", "genes"],
+                        help="pretrain: one `scfm pretrain` run; genes: step cost against vocabulary size")
+    parser.add_argument("--presets", default="tiny,small", help="--mode genes: presets to compare")
+    parser.add_argument("--gene-sizes", type=lambda t: [int(x) for x in t.split(",")], default=[763, 4000, 8862, 19264],
+                        help="--mode genes: vocabulary sizes")
+    parser.add_argument("--rounds", type=int, default=6, help="--mode genes: steps per configuration")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="--mode genes: torch threads (on a shared machine 2 threads wait on each other)")
     parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "base-100m"])
     parser.add_argument("--genes", type=int, default=765, help="vocabulary width (19264 for base-100m)")
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the cells/s median")
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the cells/s median "
+                        "(--mode genes: rounds, default 1)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (GPU)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.mode == "genes":
+        args.warmup = min(args.warmup, 1) if "--warmup" not in sys.argv else args.warmup
+        result = gene_scaling(args)
+        print(json.dumps(result, indent=2))
+        print(markdown(result))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return
 
     from scfm.model.config import ModelConfig
 

@@ -67,7 +67,7 @@ def test_align_writes_h5ad_shards_coverage_and_mlflow_run(tmp_path, inputs, stor
     manifest = read_manifest(shards)
     assert manifest["n_cells"] == adata.n_obs and [s["n_cells"] for s in manifest["shards"]] == [300, 300, 100]
     assert manifest["vocab_sha256"] == vocab.sha256 and manifest["obs_columns"] == ["sample"]
-    cells = list(ShardDataset(shards, shuffle_buffer=1, shuffle_shards=False, loop=False))
+    cells = list(ShardDataset(shards, shuffle=False, loop=False))
     assert [c["cell_id"] for c in cells] == list(adata.obs_names)
     np.testing.assert_array_equal(cells[5]["gene_ids"], expected.X[5].indices)
     np.testing.assert_array_equal(cells[5]["counts"], expected.X[5].data)
@@ -99,7 +99,7 @@ def test_align_with_aliases_and_shards_only(tmp_path, inputs, store):
     coverage = json.loads((tmp_path / "s.coverage.json").read_text())
     assert coverage["matched_by_rule"]["alias"] == 1
     token = renamed.index_of(f"{gene}-OFFICIAL")
-    first = next(iter(ShardDataset(tmp_path / "s", shuffle_buffer=1, shuffle_shards=False, loop=False)))
+    first = next(iter(ShardDataset(tmp_path / "s", shuffle=False, loop=False)))
     value = adata.X[0, 1]
     assert (token in first["gene_ids"]) == (value > 0)
 

@@ -1,4 +1,4 @@
-"""Parquet shards: exact round trip, manifest validation, rank × worker split, shuffle, epochs, resume."""
+"""Parquet shards: exact round trip, manifest validation, rank × worker split, mixing, epochs, resume."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def test_round_trip_exact_values_and_manifest(tmp_path):
     assert str(table.schema.field("counts").type) == "list<element: float>"
 
     manifest_file = tmp_path / "s" / "manifest.json"  # a directory or its manifest file both work
-    ds = ShardDataset(manifest_file, shuffle_buffer=1, shuffle_shards=False, loop=False, obs_columns=["sample", "n_genes"])
+    ds = ShardDataset(manifest_file, shuffle=False, loop=False, obs_columns=["sample", "n_genes"])
     cells = list(ds)
     assert [c["cell_id"] for c in cells] == ids
     for i, cell in enumerate(cells):
@@ -131,7 +131,7 @@ def test_ranks_times_workers_split_is_complete_and_disjoint(tmp_path):
     ids_b, _, _ = write_shards(tmp_path / "b", n=57, seed=1, prefix="b")
     seen = []
     for rank in range(2):
-        ds = ShardDataset([tmp_path / "a", tmp_path / "b"], rank=rank, world_size=2, seed=3, shuffle_buffer=16, loop=False)
+        ds = ShardDataset([tmp_path / "a", tmp_path / "b"], rank=rank, world_size=2, seed=3, mix_row_groups=3, loop=False)
         part = consume(ds, workers=2)
         assert len(part) > 0
         seen.append(part)
@@ -144,7 +144,7 @@ def test_shuffle_is_seeded_and_differs_by_epoch(tmp_path):
     ids, _, _ = write_shards(tmp_path / "s")
 
     def epoch_order(seed, epoch):
-        ds = ShardDataset(tmp_path / "s", seed=seed, shuffle_buffer=32, loop=False)
+        ds = ShardDataset(tmp_path / "s", seed=seed, mix_row_groups=4, loop=False)
         ds.set_epoch(epoch)
         return [c["cell_id"] for c in ds]
 
@@ -157,19 +157,19 @@ def test_shuffle_is_seeded_and_differs_by_epoch(tmp_path):
 
 def test_loop_runs_into_next_epoch(tmp_path):
     ids, _, _ = write_shards(tmp_path / "s")
-    ds = ShardDataset(tmp_path / "s", seed=5, shuffle_buffer=10)
+    ds = ShardDataset(tmp_path / "s", seed=5, mix_row_groups=3)
     two_epochs = [c["cell_id"] for c in itertools.islice(iter(ds), 2 * len(ids))]
     assert sorted(two_epochs[: len(ids)]) == sorted(ids) == sorted(two_epochs[len(ids) :])
     assert two_epochs[: len(ids)] != two_epochs[len(ids) :]
     assert ds.state_dict()["epoch"] == 1 and ds.state_dict()["position"] == len(ids)
 
 
-@pytest.mark.parametrize("stop", [0, 1, 9, 10, 55, 103, 150])
+@pytest.mark.parametrize("stop", [0, 1, 9, 10, 11, 55, 103, 150])
 def test_resume_yields_exactly_the_remaining_sequence(tmp_path, stop):
     write_shards(tmp_path / "s")
 
-    def fresh():
-        return ShardDataset(tmp_path / "s", seed=7, shuffle_buffer=10, rank=1, world_size=2)
+    def fresh():  # rank 1 of 2 holds ~52 cells an epoch, in rounds of 5 pieces of 2 cells
+        return ShardDataset(tmp_path / "s", seed=7, mix_row_groups=5, row_group_slices=4, rank=1, world_size=2)
 
     reference = [c["cell_id"] for c in itertools.islice(iter(fresh()), 200)]
     interrupted = fresh()
@@ -185,13 +185,13 @@ def test_resume_yields_exactly_the_remaining_sequence(tmp_path, stop):
 def test_resume_through_a_dataloader_with_batches(tmp_path):
     write_shards(tmp_path / "s")
     identity = lambda batch: [c["cell_id"] for c in batch]  # noqa: E731
-    reference_ds = ShardDataset(tmp_path / "s", seed=2, shuffle_buffer=16)
+    reference_ds = ShardDataset(tmp_path / "s", seed=2, mix_row_groups=4)
     reference = list(itertools.islice(torch.utils.data.DataLoader(reference_ds, batch_size=6, collate_fn=identity), 30))
-    ds = ShardDataset(tmp_path / "s", seed=2, shuffle_buffer=16)
+    ds = ShardDataset(tmp_path / "s", seed=2, mix_row_groups=4)
     loader = iter(torch.utils.data.DataLoader(ds, batch_size=6, collate_fn=identity))
     head = [next(loader) for _ in range(11)]
     state = ds.state_dict()
-    resumed = ShardDataset(tmp_path / "s", seed=2, shuffle_buffer=16)
+    resumed = ShardDataset(tmp_path / "s", seed=2, mix_row_groups=4)
     resumed.load_state_dict(state)
     tail = list(itertools.islice(torch.utils.data.DataLoader(resumed, batch_size=6, collate_fn=identity), 19))
     assert head + tail == reference
@@ -202,3 +202,67 @@ def test_state_from_another_configuration_is_refused(tmp_path):
     state = ShardDataset(tmp_path / "s", seed=1).state_dict()
     with pytest.raises(ScfmError, match="loader state is for seed=1"):
         ShardDataset(tmp_path / "s", seed=2).load_state_dict(state)
+    with pytest.raises(ScfmError, match="loader state is for mix_row_groups=256"):
+        ShardDataset(tmp_path / "s", seed=1, mix_row_groups=8).load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------- mixing
+ROW_GROUP = 1024
+WINDOW = 1024
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+    """48 shard files ("samples") of 4 row groups of 1,024 cells: consecutive cells share a sample."""
+    root = tmp_path_factory.mktemp("mixing")
+    vocab = Vocabulary([f"G{i}" for i in range(8)])
+    dirs = []
+    for sample in range(12):
+        n = 4 * 4 * ROW_GROUP  # 4 files of 4 row groups
+        csr = sp.csr_matrix((np.ones(n, np.float32), np.zeros(n, np.int32), np.arange(n + 1)), shape=(n, 8))
+        ids = [f"s{sample}_{i}" for i in range(n)]
+        with ShardWriter(root / f"s{sample}", vocab, cells_per_shard=4 * ROW_GROUP, row_group_size=ROW_GROUP) as w:
+            w.write(ids, csr)
+        dirs.append(root / f"s{sample}")
+    return dirs
+
+
+def _sources(cell_id: str) -> tuple[str, int]:
+    """(file, row group) of a cell written by ``many_shards``: 4,096 cells per file, 1,024 per row group."""
+    sample, index = cell_id[1:].split("_")
+    return f"{sample}/{int(index) // (4 * ROW_GROUP)}", int(index) // ROW_GROUP
+
+
+def window_diversity(cell_ids: list[str]) -> tuple[float, float]:
+    """Mean distinct (files, row groups) over consecutive windows of WINDOW cells."""
+    files, groups = [], []
+    for start in range(0, len(cell_ids) - WINDOW + 1, WINDOW):
+        sources = [_sources(c) for c in cell_ids[start : start + WINDOW]]
+        files.append(len({f for f, _ in sources}))
+        groups.append(len({(f, g) for f, g in sources}))
+    return float(np.mean(files)), float(np.mean(groups))
+
+
+def uniform_expectation(n_units: int, draws: int = WINDOW) -> float:
+    """Expected distinct units among ``draws`` cells of a uniform shuffle over equally large units."""
+    return n_units * (1 - (1 - 1 / n_units) ** draws)
+
+
+def test_windows_mix_many_row_groups_and_files(many_shards):
+    """A 1,024-cell window: what a uniform shuffle of all cells holds, what the default mixing holds."""
+    n_files, n_groups = 12 * 4, 12 * 4 * 4
+
+    def diversity(**mixing):
+        return window_diversity([c["cell_id"] for c in ShardDataset(many_shards, seed=0, loop=False, **mixing)])
+
+    files, groups = diversity()  # the defaults: rounds of 256 pieces, a quarter row group each
+    ideal_files, ideal_groups = uniform_expectation(n_files), uniform_expectation(n_groups)  # ~48, ~191
+    assert diversity(mix_row_groups=1, row_group_slices=1)[1] < 2.1  # one row group, like a 1,024-cell buffer
+    assert files > 0.95 * ideal_files and 0.7 * ideal_groups < groups <= ideal_groups
+    assert diversity(mix_row_groups=64, row_group_slices=4)[1] < 0.5 * groups  # a quarter of the memory
+
+
+def test_memory_is_one_round(many_shards):
+    ds = ShardDataset(many_shards, seed=0, mix_row_groups=32, row_group_slices=4, loop=False)
+    assert sum(1 for _ in ds) == 12 * 16 * ROW_GROUP
+    assert ds.peak_cells_held == 32 * ROW_GROUP // 4  # one round of 32 quarter row groups

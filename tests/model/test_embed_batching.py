@@ -63,7 +63,7 @@ def test_streaming_from_h5ad_equals_in_memory(model, cells, tmp_path, pbmc_count
         out = np.zeros((50, 4 * model.config.encoder_dim), dtype=np.float32)
         streamed = embed_cells(model, rows, chunk_size=8, out=out)
     assert streamed is out
-    np.testing.assert_allclose(out, embed_cells(model, cells), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(out, embed_cells(model, cells), atol=1e-6, rtol=1e-6)  # float32 rounding
 
 
 def test_target_depth_and_normalisation_change_the_embedding(model, cells):

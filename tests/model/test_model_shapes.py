@@ -118,19 +118,77 @@ def test_forward_predicts_every_position_and_backpropagates(config, counts):
         vals.append(r.data)
         masked.append(rng.random(r.nnz) < 0.3)
     batch = I.build_pretrain_batch(ids, vals, masked, t[:4], s[:4], config)
-    # masked genes are hidden from the encoder and flagged for the decoder
+    # masked genes are hidden from the encoder and shown to the decoder as the mask vector
     for row in range(4):
         hidden = set(ids[row][masked[row]].tolist())
         seen = set(batch.encoder.gene_ids[row][~batch.encoder.padding_mask[row]].tolist())
         assert not hidden & seen
-        assert batch.decoder_masked[row].nonzero().flatten().tolist() == sorted(hidden)
-        assert (batch.decoder_values[row, sorted(hidden)] == 0).all()
+        assert sorted(batch.hidden[batch.hidden[:, 0] == row, 1].tolist()) == sorted(hidden)
+    assert batch.extra_positions.numel() == 0  # counts are never negative
     pred = model(batch)
     assert pred.shape == (4, config.n_positions)
-    loss = ((pred - batch.targets)[batch.decoder_masked] ** 2).mean()
+    # the scored positions alone give the same predictions as the full output
+    at_hidden = model(batch, batch.hidden)
+    torch.testing.assert_close(at_hidden, pred[batch.hidden[:, 0], batch.hidden[:, 1]], atol=1e-5, rtol=0)
+    truth = torch.cat([torch.from_numpy(vals[row][masked[row]]) for row in range(4)])
+    loss = ((at_hidden - truth) ** 2).mean()
     loss.backward()
     assert model.value_embed.mask_vector.grad.abs().sum() > 0
     assert model.encoder[0].qkv.weight.grad.abs().sum() > 0
+
+
+def test_decoder_input_equals_embedding_every_position(model, config, counts):
+    """The factored decoder input is decoder_embed(content + position) with content per position."""
+    norm, totals = I.normalize_counts(counts)
+    t, s = I.depth_tokens(totals, "t4")
+    rng = np.random.default_rng(1)
+    ids = [norm[r].indices for r in range(6)]
+    vals = [norm[r].data.copy() for r in range(6)]
+    vals[2][:3] = -0.5  # negative pre-normalised values reach the decoder, not the encoder
+    masked = [rng.random(len(i)) < 0.3 for i in ids]
+    batch = I.build_pretrain_batch(ids, vals, masked, t[:6], s[:6], config)
+    with torch.no_grad():
+        enc = batch.encoder
+        encoded = model.encode(enc.values, enc.gene_ids, enc.padding_mask)
+        content = model.value_embed(torch.zeros(6, config.n_positions))  # zero genes
+        for row in range(6):
+            hidden, negative = ids[row][masked[row]], ids[row][~masked[row] & (vals[row] < 0)]
+            content[row, hidden] = model.value_embed.mask_vector
+            content[row, negative] = model.value_embed(torch.from_numpy(vals[row][~masked[row] & (vals[row] < 0)]))
+            real = ~enc.padding_mask[row]
+            content[row, enc.gene_ids[row, real]] = encoded[row, real]
+        expected = model.decoder_embed(content + model.position_embed.weight[: config.n_positions])
+        torch.testing.assert_close(model.decoder_input(encoded, batch), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_init_schemes_differ_where_it_matters(config):
+    """PyTorch defaults make the value embedding depend on the value; N(0, 0.02) hardly does."""
+    values = torch.linspace(0, 10, 50)
+    spread = {}
+    for init in ("pytorch", "small-normal"):
+        model = XTrimoGene(config, seed=0, init=init)
+        again = XTrimoGene(config, seed=0, init=init)
+        for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+            assert torch.equal(a, b)  # the seed decides everything
+        with torch.no_grad():
+            embedded = model.value_embed(values)
+        spread[init] = float(embedded.std(dim=0).mean() / embedded.abs().mean())
+    assert spread["pytorch"] > 5 * spread["small-normal"]  # measured 0.43 vs 0.04
+    layer = XTrimoGene(config, seed=0).encoder[0]
+    assert torch.all(layer.qkv.bias == 0) and torch.all(layer.attn_out.bias == 0)
+
+
+def test_dropout_acts_in_training_only(config, counts):
+    model = XTrimoGene(config.replace(dropout=0.5), seed=0)
+    enc = _tokens(counts, model.config)
+    model.train()
+    a = model.encode(enc.values, enc.gene_ids, enc.padding_mask)
+    b = model.encode(enc.values, enc.gene_ids, enc.padding_mask)
+    assert not torch.allclose(a, b)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(enc.values, enc.gene_ids, enc.padding_mask),
+                                   model.encode(enc.values, enc.gene_ids, enc.padding_mask), atol=0, rtol=0)
 
 
 def test_cell_embedding_is_differentiable(model, config, counts):

@@ -93,13 +93,65 @@ def test_cpu_start_up_never_waits_on_a_stale_extension_build_lock(tmp_path):
     import subprocess
     import sys
 
+    from train_helpers import free_port
+
     lock = tmp_path / "extensions" / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)
     lock.write_text("")
     env = {**__import__("os").environ, "TORCH_EXTENSIONS_DIR": str(lock.parent.parent), "CUDA_VISIBLE_DEVICES": "",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29731", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     script = ("import torch; from scfm.train.distributed import init_distributed; init_distributed(); "
               "print(torch.distributed.get_backend())")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("gloo")
+
+
+def test_user_configs_accumulate_gradients_in_fp32_unless_they_say_otherwise(tmp_path):
+    given = tmp_path / "ds.json"
+    given.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    assert build_deepspeed_config(config_path=given)["data_types"] == {"grad_accum_dtype": "fp32"}
+    given.write_text(json.dumps({"zero_optimization": {"stage": 2}, "data_types": {"grad_accum_dtype": "bf16"}}))
+    assert build_deepspeed_config(config_path=given)["data_types"] == {"grad_accum_dtype": "bf16"}
+
+
+ENGINE_CHECK = """
+import json, sys, numpy as np, torch
+from scfm.model import ModelConfig, XTrimoGene
+from scfm.train.distributed import build_deepspeed_config, detect_launch_env, init_distributed, initialize_engine
+from scfm.train.objective import ObjectiveConfig, make_batch, step_generator
+from scfm.train.pretrain import pretraining_loss
+init_distributed(detect_launch_env({}))
+config = build_deepspeed_config(zero_stage=int(sys.argv[1]), grad_accum=2)
+config["bf16"] = {"enabled": True}  # what a CUDA device with bf16 gets (DeepSpeed also runs it on CPU)
+if sys.argv[2] != "packaged":
+    config["data_types"] = {"grad_accum_dtype": sys.argv[2]}
+model = XTrimoGene(ModelConfig.preset("tiny", n_genes=50), seed=0)
+engine = initialize_engine(model, config, lr=1e-3)
+rng = np.random.default_rng(0)
+cells = [{"gene_ids": np.sort(rng.choice(50, 20, replace=False)), "counts": np.full(20, 3.0, np.float32),
+          "total_counts": 60.0} for _ in range(4)]
+engine.backward(pretraining_loss(engine, make_batch(cells, 50, ObjectiveConfig(), step_generator(0, 0), model.config),
+                                 torch.bfloat16, "cpu"))
+held = [t.dtype for store in (engine.optimizer.averaged_gradients, engine.optimizer.all_grad_tensors)
+        for part in store.values() if part for t in part if t is not None]  # where micro-batch gradients add up
+print(json.dumps({"types": [str(t) for t in engine.get_data_types()], "held": sorted({str(t) for t in held})}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulate, expected", [("packaged", "torch.float32"), ("bf16", "torch.bfloat16")])
+def test_bf16_zero2_engine_accumulates_gradients_in_fp32(accumulate, expected):
+    """The packaged ZeRO-2 config, with bf16 on: the engine's accumulated gradient partitions are fp32."""
+    import subprocess
+    import sys
+
+    from train_helpers import free_port
+
+    env = {**__import__("os").environ, "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-c", ENGINE_CHECK, "2", accumulate], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["types"] == ["torch.bfloat16", expected]
+    assert report["held"] == [expected]  # bf16 only when a config asks for it

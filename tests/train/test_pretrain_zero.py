@@ -13,7 +13,8 @@ import pytest
 import torch
 from train_helpers import child_pids, start_torchrun, torchrun
 
-COMMON = ["--micro-batch-size", "4", "--lr", "2e-3", "--warmup-steps", "2", "--seed", "3", "--quiet"]
+COMMON = ["--micro-batch-size", "4", "--lr", "2e-3", "--warmup-steps", "2", "--seed", "3", "--quiet",
+          "--performer-redraw-interval", "5"]  # redraws on both sides of the preemption
 
 
 def _log(out_dir):
@@ -89,6 +90,15 @@ def _assert_mlflow_run(out_dir, n_steps):
     assert run.info.status == "FINISHED"
     assert run.data.params["deepspeed.zero_optimization.stage"] == "2"
     assert run.data.params["world_size"] == "2"
+    recipe = {k.removeprefix("recipe."): v for k, v in run.data.params.items() if k.startswith("recipe.")}
+    assert (recipe["warmup_steps"], recipe["weight_decay"], recipe["adam_betas"]) == ("2", "0.0", "[0.9, 0.999]")
+    assert (recipe["encoder_dropout"], recipe["performer_redraw_interval"], recipe["init"]) == ("0.1", "5", "pytorch")
+    assert (recipe["cells_per_step"], recipe["grad_accum_dtype"]) == ("8", "torch.float32")
+    assert recipe["objective.downsample_beta"] == "[2.0, 2.0]" and recipe["objective.downsample_min_total"] == "1000.0"
+    from scfm.model.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(out_dir / "model").extra["pretrain"]["recipe"]
+    assert saved["warmup_steps"] == 2 and saved["lr"] == 2e-3 and saved["mix_row_groups"] == 256
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, n_steps + 1))
     logged = {m.step: m.value for m in history}
@@ -143,7 +153,9 @@ def test_one_process_zero1_from_an_initial_checkpoint(train_data, tmp_path, scfm
     assert [r["step"] for r in _log(out)] == [1, 2, 3]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000003"  # the final step is saved
     loaded = load_checkpoint(out / "model")
-    assert loaded.config == load_checkpoint(train_data["checkpoint"]).config
+    # the initial checkpoint's shape, with the dropout this run trained with (the recipe's 0.1)
+    assert loaded.config == load_checkpoint(train_data["checkpoint"]).config.replace(dropout=0.1)
+    assert loaded.extra["pretrain"]["recipe"]["encoder_dropout"] == 0.1
     assert json.loads((out / "metrics.json").read_text())["world_size"] == 1
 
     # --resume never refuses the finished run's directory, and leaves it as it was

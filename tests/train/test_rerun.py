@@ -18,6 +18,7 @@ PREEMPTED_EXIT = 75
 def _args(train_data, out, *extra):
     return ["pretrain", "--shards", train_data["shards"], "--vocab", train_data["vocab"], "-o", out,
             "--zero-stage", "2", "--micro-batch-size", "4", "--lr", "2e-3", "--warmup-steps", "2",
+            "--performer-redraw-interval", "3",  # redraws before and after the stop: resumed exactly too
             "--seed", "3", "--max-steps", str(STEPS), *extra]
 
 
@@ -118,12 +119,15 @@ def test_the_rerun_continues_exactly_past_a_checkpoint_killed_mid_save(train_dat
     ("--grad-accum", "2", "--grad-accum"),
     ("--seed", "4", "--seed"),
     ("--mask-ratio", "0.5", "--mask-ratio"),
+    ("--downsample-beta", "1 1", "--downsample-beta"),
+    ("--mix-row-groups", "8", "--mix-row-groups"),
+    ("--performer-redraw-interval", "5", "--performer-redraw-interval"),
     ("--zero-stage", "1", "--zero-stage"),
     ("--model-preset", "small", "model config"),
 ])
 def test_resuming_with_other_math_is_refused(train_data, preempted, preempted_dir, flag, value, named):
     before = _tree(preempted_dir)
-    result = run_cli(*_args(train_data, preempted_dir, "--quiet"), flag, value)
+    result = run_cli(*_args(train_data, preempted_dir, "--quiet"), flag, *value.split())
     assert result.exit_code == 1
     line = error_line(result)
     assert f"cannot resume: checkpoint step_{preempted[1]:06d} was written with {named}" in line

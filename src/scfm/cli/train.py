@@ -31,9 +31,22 @@ from scfm.cli.common import fraction, non_negative, positive, step_options
               help="Cosine horizon in steps (default: --max-steps). Set it to stop early and resume later.")
 @click.option("--lr", type=positive(), default=1e-4, show_default=True)
 @click.option("--min-lr-ratio", type=fraction(), default=0.1, show_default=True, help="Final LR / peak LR.")
-@click.option("--warmup-steps", type=click.IntRange(min=0), default=10, show_default=True)
-@click.option("--weight-decay", type=non_negative(), default=0.01, show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=9766, show_default=True,
+              help="Linear LR warmup in optimizer steps. 9,766 is the released run's: 10 million cells per device at "
+                   "its 1,024 cells per device and step. Short runs need far fewer (e.g. a tenth of --max-steps).")
+@click.option("--weight-decay", type=non_negative(), default=0.0, show_default=True,
+              help="AdamW weight decay (never on biases, norms or embedding tables).")
+@click.option("--adam-betas", type=(fraction(open_high=True), fraction(open_high=True)), default=(0.9, 0.999),
+              show_default=True)
+@click.option("--adam-eps", type=positive(), default=1e-8, show_default=True)
 @click.option("--gradient-clipping", type=non_negative(), default=1.0, show_default=True)
+@click.option("--encoder-dropout", type=fraction(open_high=True), default=0.1, show_default=True,
+              help="Dropout in the encoder layers (attention weights, attention output, feed-forward), as the "
+                   "released encoder's nn.TransformerEncoderLayer; off whenever the model is evaluated.")
+@click.option("--performer-redraw-interval", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Redraw the decoder's random features every N training calls (micro-batches); 0: never.")
+@click.option("--init", type=click.Choice(["pytorch", "small-normal"]), default="pytorch", show_default=True,
+              help="Initialisation of a fresh model: PyTorch's defaults, as the released code, or N(0, 0.02).")
 @click.option("--save-every", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Checkpoint every N steps.")
 @click.option("--keep-checkpoints", type=click.IntRange(min=1), default=2, show_default=True)
@@ -43,20 +56,25 @@ from scfm.cli.common import fraction, non_negative, positive, step_options
                    "always (also a bare --resume): require one; never: refuse a directory holding checkpoints.")
 @click.option("--overwrite", is_flag=True,
               help="Start over: delete OUTPUT's checkpoints of an earlier run (with --resume never or auto).")
-@click.option("--shuffle-buffer", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--mix-row-groups", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Shard pieces pooled and shuffled together per round (memory: this x row group size / "
+                   "--row-group-slices cells per process).")
+@click.option("--row-group-slices", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Slices each Parquet row group is dealt into (more: more row groups mixed, more reads).")
 @click.option("--mask-ratio", type=fraction(open_low=True), default=0.3, show_default=True,
               help="Share of nonzero genes masked.")
 @click.option("--zero-mask-ratio", type=fraction(), default=0.03, show_default=True, help="Share of zero genes masked.")
 @click.option("--mask-token-prob", type=fraction(), default=0.8, show_default=True)
 @click.option("--random-token-prob", type=fraction(), default=0.1, show_default=True)
 @click.option("--downsample-prob", type=fraction(), default=0.5, show_default=True,
-              help="Chance a cell is binomially thinned.")
-@click.option("--downsample-range", type=(fraction(open_low=True), fraction(open_low=True)), default=(0.1, 0.9),
-              show_default=True,
-              help="Fraction of counts kept when thinned (low high).")
+              help="Chance a cell (with at least --downsample-min-total counts) is binomially thinned.")
+@click.option("--downsample-beta", type=(positive(), positive()), default=(2.0, 2.0), show_default=True,
+              help="Beta(a, b) prior of the fraction of counts a thinned cell keeps.")
+@click.option("--downsample-min-total", type=non_negative(), default=1000.0, show_default=True,
+              help="Cells with fewer counts are never thinned.")
 @step_options
 def pretrain_command(shards, out_dir, mask_ratio, zero_mask_ratio, mask_token_prob, random_token_prob,
-                     downsample_prob, downsample_range, mlflow_uri, seed, quiet, **options):
+                     downsample_prob, downsample_beta, downsample_min_total, mlflow_uri, seed, quiet, **options):
     """Pretrain (or continue pretraining) on Parquet shards with DeepSpeed ZeRO.
 
     Runs as one process, under torchrun/deepspeed, or under srun (Slurm).
@@ -64,8 +82,14 @@ def pretrain_command(shards, out_dir, mask_ratio, zero_mask_ratio, mask_token_pr
     \b
     Re-running the same command continues the run (--resume auto): it picks the newest checkpoint
     that every rank finished saving, after checking that the settings that change the math (model,
-    vocabulary, processes, micro batch, grad accumulation, seed, shuffle buffer, masking) are the same;
-    --max-steps, --save-every and the LR schedule may change.
+    vocabulary, processes, micro batch, grad accumulation, seed, data mixing, redraw interval, masking and
+    down-sampling) are the same; --max-steps, --save-every and the LR schedule may change.
+
+    \b
+    Defaults follow the released scFoundation run: AdamW lr 1e-4, betas (0.9, 0.999), no weight decay,
+    9,766 warmup steps, clipping 1.0, encoder dropout 0.1, random features redrawn every 1,000 calls,
+    PyTorch-default init, masking 30 %/3 % (80/10/10), down-sampling half of the cells with >= 1,000
+    counts to a Beta(2, 2) fraction. Every resolved value is logged to MLflow (recipe.*).
 
     \b
     Preemption and requeue (Slurm): on SIGTERM or SIGUSR1 every rank finishes the current step, a
@@ -85,7 +109,8 @@ def pretrain_command(shards, out_dir, mask_ratio, zero_mask_ratio, mask_token_pr
     check_output_path(out_dir, directory=True)  # written into, not replaced: its checkpoints are continued
     objective = ObjectiveConfig(
         mask_ratio=mask_ratio, zero_mask_ratio=zero_mask_ratio, mask_token_prob=mask_token_prob,
-        random_token_prob=random_token_prob, downsample_prob=downsample_prob, downsample_range=downsample_range,
+        random_token_prob=random_token_prob, downsample_prob=downsample_prob, downsample_beta=downsample_beta,
+        downsample_min_total=downsample_min_total,
     )
     settings = PretrainSettings(shards=list(shards), out_dir=out_dir, objective=objective, seed=seed, quiet=quiet,
                                 mlflow_uri=mlflow_uri, **options)

@@ -11,24 +11,39 @@ Layout of a shard directory (see docs/architecture.md)::
 Each shard holds ``cells_per_shard`` cells (the last one fewer), written in Parquet row groups of
 ``row_group_size`` cells. The directory appears only once complete (written under a temporary name).
 
-How :class:`ShardDataset` splits, shuffles and resumes
--------------------------------------------------------
-* **Units.** The unit of work is one Parquet row group. Each epoch the list of all row groups (over
-  every shard directory) is permuted with a generator seeded by ``(seed, epoch)`` — the same on every
-  rank and worker — when ``shuffle_shards`` is set, and kept in file order otherwise.
+How :class:`ShardDataset` splits, mixes and resumes
+----------------------------------------------------
+* **Pieces.** The unit of work is a *piece*: one of ``row_group_slices`` random slices of one Parquet
+  row group (a row group's cells are dealt into slices by a permutation seeded by ``(seed, epoch,
+  row group)``). Each epoch the list of all pieces (over every shard directory) is permuted with a
+  generator seeded by ``(seed, epoch)`` — the same on every rank and worker.
 * **Split.** With ``world_size`` ranks and ``W`` DataLoader workers there are ``world_size × W``
-  consumers; consumer ``c = rank × W + worker`` takes units ``c, c + world_size × W, …`` of that
-  list. Every row group goes to exactly one consumer: no duplicates, no gaps.
-* **Shuffle buffer.** A consumer's stream of cells is cut into windows of ``shuffle_buffer`` cells and
-  each window is permuted with a generator seeded by ``(seed, epoch, consumer, window)``. Because the
-  permutation depends only on those numbers, any position can be rebuilt without replaying the stream.
+  consumers; consumer ``c = rank × W + worker`` takes pieces ``c, c + world_size × W, …`` of that
+  list. Every cell goes to exactly one consumer: no duplicates, no gaps.
+* **Mixing.** A consumer reads its pieces in *rounds* of ``mix_row_groups`` pieces: the cells of a
+  round's pieces are pooled and handed out in an order permuted by ``(seed, epoch, consumer,
+  round)``. A row group holds consecutive cells of one sample (often of one batch or cell type); a
+  round holds slices of ``mix_row_groups`` row groups drawn from anywhere in the data, so any window
+  of cells — e.g. the next micro-batches — mixes that many samples instead of one. Reading a row
+  group once per slice costs ``row_group_slices`` reads per row group and epoch; it buys
+  ``row_group_slices`` times more row groups in the same memory.
+* **Memory.** A consumer holds one round: at most ``mix_row_groups × ceil(row_group_size /
+  row_group_slices)`` cells (65,536 cells with the defaults of 256 pieces, 4 slices and the writer's
+  1,024-cell row groups: ~1 GiB at 2,000 nonzero genes per cell, 8 bytes per nonzero gene), plus one
+  row group while it is being sliced. ``peak_cells_held`` records the largest round so far. Halve
+  ``mix_row_groups`` to halve it.
+* **Measured mixing.** ``tests/data/test_shards.py`` counts the distinct source files and row groups
+  in windows of 1,024 consecutive cells and compares them with what a uniform shuffle of all cells
+  gives; ``bench/RESULTS.md`` ("Data mixing") has the figures.
+* **No shuffling** (``shuffle=False``): whole row groups in file order, cells in file order.
 * **Epochs.** ``set_epoch(e)`` chooses the epoch; with ``loop=True`` the iterator runs on into epoch
   ``e + 1``, ``e + 2``, … (a new order each time), with ``loop=False`` it stops after one epoch.
 * **Resume.** ``state_dict()`` = {epoch, position} of the cells handed out so far (position = cells of
-  the current epoch); ``load_state_dict()`` restarts there: the resumed iterator yields exactly the rest
-  of the uninterrupted sequence, in the same order. Exact resume is for ``num_workers=0`` (training's
-  setting: the position is tracked in the process that iterates); with workers each worker tracks its
-  own copy, which the main process does not see.
+  the current epoch); ``load_state_dict()`` restarts there: the round holding that position is
+  rebuilt from the piece sizes alone (no earlier round is read) and the resumed iterator yields
+  exactly the rest of the uninterrupted sequence, in the same order. Exact resume is for
+  ``num_workers=0`` (training's setting: the position is tracked in the process that iterates); with
+  workers each worker tracks its own copy, which the main process does not see.
 """
 
 from __future__ import annotations
@@ -262,8 +277,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
-        shuffle_buffer: int = 1024,
-        shuffle_shards: bool = True,
+        shuffle: bool = True,
+        mix_row_groups: int = 256,
+        row_group_slices: int = 4,
         loop: bool = True,
         obs_columns: Sequence[str] = (),
     ):
@@ -277,6 +293,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
             raise ScfmError("no shard directories given")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if mix_row_groups < 1 or row_group_slices < 1:
+            raise ScfmError(f"mix_row_groups and row_group_slices must be at least 1, got {mix_row_groups}, "
+                            f"{row_group_slices}")
         self.manifests = [read_manifest(s) for s in sources]
         first = self.manifests[0]
         for other in self.manifests[1:]:
@@ -295,11 +314,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.n_cells = sum(m["n_cells"] for m in self.manifests)
         self.obs_columns = list(obs_columns)
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.shuffle_buffer = max(1, int(shuffle_buffer))
-        self.shuffle_shards, self.loop = shuffle_shards, loop
-        self.units = self._row_groups()  # [(file, row_group, n_cells)] in file order
+        self.shuffle, self.loop = shuffle, loop
+        self.mix_row_groups = int(mix_row_groups) if shuffle else 1
+        self.row_group_slices = int(row_group_slices) if shuffle else 1
+        self.row_groups = self._row_groups()  # [(file, row_group, n_cells)] in file order
         self.epoch = 0
         self.position = 0
+        self.peak_cells_held = 0
 
     def _row_groups(self) -> list[tuple[str, int, int]]:
         units = []
@@ -321,12 +342,16 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "n_cells": self.n_cells, "shuffle_buffer": self.shuffle_buffer}
+                "world_size": self.world_size, "n_cells": self.n_cells, **self._mixing()}
+
+    def _mixing(self) -> dict:
+        return {"shuffle": self.shuffle, "mix_row_groups": self.mix_row_groups,
+                "row_group_slices": self.row_group_slices}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "world_size", "n_cells", "shuffle_buffer"):
-            if key in state and state[key] != getattr(self, key):
-                raise ScfmError(f"loader state is for {key}={state[key]}, this dataset has {getattr(self, key)}")
+        for key in ("seed", "world_size", "n_cells", "shuffle", "mix_row_groups", "row_group_slices"):
+            if state.get(key) != getattr(self, key):
+                raise ScfmError(f"loader state is for {key}={state.get(key)}, this dataset has {getattr(self, key)}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     # ---------------------------------------------------------------- order
@@ -335,17 +360,34 @@ class ShardDataset(torch.utils.data.IterableDataset):
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
         return self.rank * workers + worker, self.world_size * workers
 
-    def epoch_units(self, epoch: int, consumer: int, n_consumers: int) -> list[tuple[str, int, int]]:
-        """The row groups one consumer reads in ``epoch``, in reading order."""
-        order = np.arange(len(self.units))
-        if self.shuffle_shards:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
-        return [self.units[i] for i in order[consumer::n_consumers]]
+    def _slice_sizes(self, n_rows: int) -> list[int]:
+        slices = min(self.row_group_slices, n_rows)
+        edges = [n_rows * j // slices for j in range(slices + 1)]
+        return [b - a for a, b in zip(edges, edges[1:])]
 
-    def _window_order(self, epoch: int, consumer: int, window: int, size: int) -> np.ndarray:
-        if self.shuffle_buffer == 1:
+    def epoch_pieces(self, epoch: int, consumer: int, n_consumers: int) -> list[tuple[int, int, int]]:
+        """The pieces one consumer reads in ``epoch``, in reading order: (row group index, slice, n_cells)."""
+        pieces = [(g, j, n) for g, (_, _, rows) in enumerate(self.row_groups)
+                  for j, n in enumerate(self._slice_sizes(rows))]
+        order = np.arange(len(pieces))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(pieces))
+        return [pieces[i] for i in order[consumer::n_consumers]]
+
+    def _slice_rows(self, epoch: int, group: int, piece: int) -> np.ndarray:
+        """Row indices (ascending) of one slice of a row group."""
+        n_rows = self.row_groups[group][2]
+        if self.row_group_slices == 1:
+            return np.arange(n_rows)
+        dealt = np.random.default_rng([self.seed, epoch, group, 1]).permutation(n_rows)
+        sizes = self._slice_sizes(n_rows)
+        start = sum(sizes[:piece])
+        return np.sort(dealt[start : start + sizes[piece]])
+
+    def _pool_order(self, epoch: int, consumer: int, round_: int, size: int) -> np.ndarray:
+        if not self.shuffle:
             return np.arange(size)
-        return np.random.default_rng([self.seed, epoch, consumer, window]).permutation(size)
+        return np.random.default_rng([self.seed, epoch, consumer, round_]).permutation(size)
 
     # ---------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[dict]:
@@ -357,39 +399,44 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 yield cell
             if not self.loop:
                 return
-            if self.position == 0 and not self.epoch_units(epoch, consumer, n_consumers):
+            if self.position == 0 and not self.epoch_pieces(epoch, consumer, n_consumers):
                 return  # this consumer has no data at all: looping would spin forever
             self.epoch, self.position = epoch + 1, 0
 
     def _epoch_cells(self, epoch: int, consumer: int, n_consumers: int, start: int) -> Iterator[dict]:
-        units = self.epoch_units(epoch, consumer, n_consumers)
-        size = self.shuffle_buffer
-        window = start // size
-        skip = start - window * size  # cells of the first window already handed out
-        rows = self._rows_from(units, first_row=window * size)
-        while True:
-            buffer = [row for _, row in zip(range(size), rows)]
-            if not buffer:
-                return
-            for i in self._window_order(epoch, consumer, window, len(buffer))[skip:]:
-                yield buffer[i]
-            skip, window = 0, window + 1
-
-    def _rows_from(self, units, first_row: int) -> Iterator[dict]:
-        """Cells of ``units`` in order, starting at ``first_row`` (skipped row groups are not read)."""
-        files: dict[str, pq.ParquetFile] = {}
-        columns = [*CORE_COLUMNS, *self.obs_columns]
-        seen = 0
-        for file, group, n in units:
-            if seen + n <= first_row:
-                seen += n
+        pieces = self.epoch_pieces(epoch, consumer, n_consumers)
+        rounds = [pieces[i : i + self.mix_row_groups] for i in range(0, len(pieces), self.mix_row_groups)]
+        first_cell = 0
+        for round_, members in enumerate(rounds):
+            size = sum(n for _, _, n in members)
+            if first_cell + size <= start:  # handed out before a resume: not even read
+                first_cell += size
                 continue
+            pool = self._read_pool(epoch, members)
+            skip = max(0, start - first_cell)
+            for i in self._pool_order(epoch, consumer, round_, size)[skip:]:
+                yield pool[i]
+            first_cell += size
+
+    def _read_pool(self, epoch: int, members: list[tuple[int, int, int]]) -> list[dict]:
+        """The cells of one round's pieces, in piece order; one row group in memory at a time."""
+        columns = [*CORE_COLUMNS, *self.obs_columns]
+        offsets = np.concatenate([[0], np.cumsum([n for _, _, n in members])])
+        pool: list = [None] * int(offsets[-1])
+        by_group: dict[int, list[int]] = {}
+        for k, (group, _, _) in enumerate(members):
+            by_group.setdefault(group, []).append(k)
+        files: dict[str, pq.ParquetFile] = {}
+        for group in sorted(by_group):  # file order: sequential reads
+            file, row_group, _ = self.row_groups[group]
             if file not in files:
                 files[file] = pq.ParquetFile(file)
-            table = files[file].read_row_group(group, columns=columns)
-            offset = max(0, first_row - seen)
-            seen += n
-            yield from _table_rows(table, offset, self.obs_columns)
+            table = files[file].read_row_group(row_group, columns=columns)
+            for k in by_group[group]:
+                rows = self._slice_rows(epoch, group, members[k][1])
+                pool[offsets[k] : offsets[k + 1]] = _table_rows(table.take(pa.array(rows)), 0, self.obs_columns)
+        self.peak_cells_held = max(self.peak_cells_held, len(pool))
+        return pool
 
 
 def _table_rows(table: pa.Table, offset: int, obs_columns: Sequence[str]) -> Iterator[dict]:

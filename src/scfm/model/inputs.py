@@ -25,9 +25,14 @@ Bulk input (``input_type="bulk"``), as the released script treats it: ``T = S``,
 - ``T``: values are already normalised and log-transformed; ``T = S =`` their plain sum (no log10).
 - ``A`` is not defined for bulk input.
 
+The decoder needs no dense (cells x genes) input: every position is an encoder output, the learned
+mask vector, or the embedding of the value 0 (a zero gene), so :class:`PretrainBatch` lists only the
+hidden positions (and, rarely, nonzero values the encoder does not take, e.g. negative pre-normalised
+values); the model builds the full-length decoder input from those.
+
 Public helpers:
     EncoderInputs(values, gene_ids, padding_mask)            padded encoder tensors
-    PretrainBatch(encoder, decoder_values, decoder_masked, targets)
+    PretrainBatch(encoder, hidden, extra_positions, extra_values)
     build_pretrain_batch(gene_ids, values, masked, target_log_depth, source_log_depth, config)
     normalize_counts(block, *, totals=None, pre_normalized="F") -> (normalised CSR float32, totals)
     depth_tokens(totals, target_depth) -> (T, S)
@@ -78,16 +83,31 @@ class EncoderInputs:
 
 @dataclass
 class PretrainBatch:
-    """Everything ``XTrimoGene.forward`` needs; built by :func:`build_pretrain_batch`."""
+    """Everything ``XTrimoGene.forward`` needs, in O(nonzero genes) per cell; see the module docstring.
 
-    encoder: EncoderInputs  # unmasked nonzero genes + T + S
-    decoder_values: torch.Tensor  # (B, P) float: value per position (0 for zero and masked genes)
-    decoder_masked: torch.Tensor  # (B, P) bool: positions whose value is hidden (learned mask vector)
-    targets: torch.Tensor  # (B, P) float: true normalised values (T, S included), for the loss
+    Positions not listed anywhere are zero genes (the decoder embeds the value 0 there).
+    """
+
+    encoder: EncoderInputs  # visible nonzero genes + T + S
+    hidden: torch.Tensor  # (H, 2) long: (cell, position) shown to the decoder as the learned mask vector
+    extra_positions: torch.Tensor  # (E, 2) long: nonzero values that reach the decoder but not the encoder
+    extra_values: torch.Tensor  # (E,) float: their values
+
+    @property
+    def n_cells(self) -> int:
+        return self.encoder.values.shape[0]
 
     def to(self, device) -> "PretrainBatch":
-        return PretrainBatch(self.encoder.to(device), self.decoder_values.to(device),
-                             self.decoder_masked.to(device), self.targets.to(device))
+        return PretrainBatch(self.encoder.to(device), self.hidden.to(device), self.extra_positions.to(device),
+                             self.extra_values.to(device))
+
+
+def _position_pairs(rows: Sequence[np.ndarray]) -> torch.Tensor:
+    """Per-cell position arrays -> (N, 2) long (cell, position)."""
+    counts = [len(r) for r in rows]
+    cells = np.repeat(np.arange(len(rows)), counts)
+    positions = np.concatenate(rows) if rows else np.zeros(0)
+    return torch.from_numpy(np.stack([cells, positions.astype(np.int64)], axis=1).astype(np.int64))
 
 
 # ---------------------------------------------------------------------------------------- padding
@@ -119,15 +139,12 @@ def build_pretrain_batch(
     """Per cell: ``gene_ids`` (k,) ascending vocabulary ids, ``values`` (k,) normalised expression
     (zeros allowed, e.g. masked zero genes), ``masked`` (k,) bool; plus the cell's T and S (log10).
 
-    The encoder gets the unmasked genes with value > 0, then T and S; the decoder gets every
-    position, with masked genes flagged (they are embedded as the learned mask vector).
+    The encoder gets the unmasked genes with value > 0, then T and S; the decoder sees every
+    position: masked genes as the learned mask vector, unmasked negative values as themselves
+    (the encoder only takes positive values), everything else through the encoder or as a zero gene.
     """
-    n_cells, n_positions = len(gene_ids), config.n_positions
-    enc_ids, enc_values = [], []
-    decoder_values = np.zeros((n_cells, n_positions), dtype=np.float32)
-    decoder_masked = np.zeros((n_cells, n_positions), dtype=bool)
-    targets = np.zeros((n_cells, n_positions), dtype=np.float32)
-    for row in range(n_cells):
+    enc_ids, enc_values, hidden_rows, extra_rows, extra_values = [], [], [], [], []
+    for row in range(len(gene_ids)):
         ids = np.asarray(gene_ids[row], dtype=np.int64)
         vals = np.asarray(values[row], dtype=np.float32)
         hidden = np.asarray(masked[row], dtype=bool)
@@ -135,16 +152,15 @@ def build_pretrain_batch(
             raise ValueError(f"cell {row}: gene ids outside 0..{config.n_genes - 1}")
         t, s = np.float32(target_log_depth[row]), np.float32(source_log_depth[row])
         visible = ~hidden & (vals > 0)
+        extra = ~hidden & (vals < 0)
         enc_ids.append(np.concatenate([ids[visible], [config.t_position, config.s_position]]))
         enc_values.append(np.concatenate([vals[visible], [t, s]]).astype(np.float32))
-        decoder_values[row, ids] = np.where(hidden, 0.0, vals)
-        decoder_values[row, [config.t_position, config.s_position]] = (t, s)
-        decoder_masked[row, ids] = hidden
-        targets[row, ids] = vals
-        targets[row, [config.t_position, config.s_position]] = (t, s)
+        hidden_rows.append(ids[hidden])
+        extra_rows.append(ids[extra])
+        extra_values.append(vals[extra])
     return PretrainBatch(
-        pad_encoder_tokens(enc_ids, enc_values, config),
-        torch.from_numpy(decoder_values), torch.from_numpy(decoder_masked), torch.from_numpy(targets),
+        pad_encoder_tokens(enc_ids, enc_values, config), _position_pairs(hidden_rows), _position_pairs(extra_rows),
+        torch.from_numpy(np.concatenate(extra_values).astype(np.float32)),
     )
 
 
@@ -292,15 +308,12 @@ def decoder_batch_from_csr(
 ) -> PretrainBatch:
     """Inference batch for the full encoder -> decoder path: nothing masked."""
     rows = np.arange(normalised.shape[0]) if rows is None else np.asarray(rows)
-    sub = normalised[rows]
-    dense = np.zeros((len(rows), config.n_positions), dtype=np.float32)
-    dense[:, : config.n_genes] = sub.toarray()  # only a few cells at a time
-    dense[:, config.t_position] = target[rows]
-    dense[:, config.s_position] = source[rows]
-    values = torch.from_numpy(dense)
+    sub = normalised[rows].tocoo()
+    negative = sub.data < 0  # the encoder takes positive values only; the decoder sees these as they are
+    extra = torch.from_numpy(np.stack([sub.row[negative], sub.col[negative]], axis=1).astype(np.int64))
     return PretrainBatch(
         encoder_inputs_from_csr(normalised, target, source, config, rows),
-        values, torch.zeros_like(values, dtype=torch.bool), values,
+        torch.zeros((0, 2), dtype=torch.long), extra, torch.from_numpy(sub.data[negative].astype(np.float32)),
     )
 
 

@@ -5,13 +5,18 @@ Attention ``softmax(q k^T / sqrt(d)) v`` is approximated with positive random fe
 so that ``out = phi(q) (phi(k)^T v) / (phi(q) . sum_n phi(k))`` costs O(n m d) instead of O(n^2 d).
 Non-causal, no padding: the decoder always sees every position of the vocabulary.
 
-The projection matrix ``W`` is a buffer saved with the weights (the released checkpoint stores it),
-drawn once at construction and kept fixed afterwards.
+The projection matrix ``W`` is a buffer saved with the weights (the released checkpoint stores it).
+It is drawn at construction; pretraining draws new ones every ``--performer-redraw-interval``
+training calls (the released code does so every 1,000), from a generator seeded by the run's seed
+and the redraw's number (:func:`redraw_generator`), so the draws are the same on every rank and a
+resumed run recomputes them. Inference never redraws: a checkpoint's projections are its own.
 
 Written from the FAVOR+ paper (Choromanski et al. 2021) and the shapes of the released checkpoint.
-One deliberate difference from the reference implementation: the key features are stabilised with
+Two deliberate differences from the reference implementation: the key features are stabilised with
 the maximum over each cell, not over the whole batch, so a cell's output never depends on its batch
-mates (for a batch of one cell both are the same).
+mates (for a batch of one cell both are the same); and the stabilising maxima are constants for the
+gradient. They cancel in the attention's normalisation (up to ``FEATURE_EPS``), so their gradient is
+next to nothing, but differentiating a maximum over ~19k positions costs as much as the features.
 """
 
 from __future__ import annotations
@@ -39,19 +44,31 @@ def orthogonal_gaussian_projection(n_features: int, dim: int, generator: torch.G
     return norms[:, None] * rows
 
 
+def redraw_generator(seed: int, draw: int) -> torch.Generator:
+    """The generator for the ``draw``-th redraw (1, 2, ...) of a run seeded with ``seed``."""
+    import numpy as np
+
+    state = np.random.SeedSequence([int(seed), int(draw), 0x7E5F]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 def softmax_random_features(x: torch.Tensor, projection: torch.Tensor, *, is_query: bool) -> torch.Tensor:
-    """x (B, h, n, d) -> positive features (B, h, n, m) whose dot products approximate exp(q.k / sqrt(d))."""
-    dim = x.shape[-1]
+    """x (B, h, n, d) -> positive features (B, h, n, m) whose dot products approximate exp(q.k / sqrt(d)).
+
+    ``m^-1/2 (exp(W x' - |x'|^2 / 2 - max) + eps)``, written as one exp of the full exponent plus a
+    constant: the (B, h, n, m) features are the decoder's largest tensors, so each pass over them counts.
+    """
+    dim, n_features = x.shape[-1], projection.shape[0]
     scale = dim**-0.25
-    projected = torch.einsum("bhnd,md->bhnm", x * scale, projection.to(x.dtype))
-    half_sq_norm = (x * x).sum(-1, keepdim=True) * (scale * scale) / 2
+    projected = torch.einsum("bhnd,md->bhnm", x, (projection * scale).to(x.dtype))
+    half_sq_norm = (x * x).sum(-1, keepdim=True) * (scale * scale / 2)
     # subtracting a maximum keeps exp() finite; it cancels in the normalisation up to FEATURE_EPS
     if is_query:
-        stabiliser = projected.amax(dim=-1, keepdim=True)
+        stabiliser = projected.detach().amax(dim=-1, keepdim=True)
     else:
-        stabiliser = projected.amax(dim=(1, 2, 3), keepdim=True)  # per cell
-    n_features = projection.shape[0]
-    return n_features**-0.5 * (torch.exp(projected - half_sq_norm - stabiliser) + FEATURE_EPS)
+        stabiliser = projected.detach().amax(dim=(1, 2, 3), keepdim=True)  # per cell
+    log_ratio = -0.5 * math.log(n_features)
+    return torch.exp(projected - (half_sq_norm + stabiliser - log_ratio)) + n_features**-0.5 * FEATURE_EPS
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -73,6 +90,11 @@ class PerformerSelfAttention(nn.Module):
         self.to_out = nn.Linear(inner, dim)
         projection = orthogonal_gaussian_projection(config.performer_features, config.decoder_head_dim, generator)
         self.register_buffer("projection", projection)  # (m, head_dim)
+
+    @torch.no_grad()
+    def redraw(self, generator: torch.Generator) -> None:
+        fresh = orthogonal_gaussian_projection(*self.projection.shape, generator)
+        self.projection.copy_(fresh.to(self.projection.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape

@@ -4,22 +4,38 @@
                          │  encoder: post-LN transformer over the nonzero tokens (+ T, S) only
                          ▼
                      encoded (B, L, d) ──► cell_embedding (pool "all": S, T, max, mean → 4d)
-                         │  scatter back to each token's position; every other position is
-                         │  value-embedded (masked genes → learned mask vector); + position again
+                         │  every position of the decoder input is an encoder output, the learned
+                         │  mask vector, or the value embedding of 0 (a zero gene); + position again
                          ▼
                      Linear d → decoder_dim, Performer layers, LayerNorm, LayerNorm
                          ▼
                      gene embeddings (B, P, decoder_dim) ──► Linear → 1: expression (B, P)
 
 Interfaces:
-    model = XTrimoGene(config)
+    model = XTrimoGene(config, seed=0, init="pytorch")
     encoded = model.encode(values, gene_ids, padding_mask)          # (B, L, d)
     emb = model.cell_embedding(encoded, encoder_inputs, pool="all")  # (B, 4d) or (B, d) for "max"
     genes = model.decode(encoded, batch)                             # (B, P, decoder_dim)
     predictions = model(batch)                                       # (B, P), P = n_genes + 2
+    scored = model(batch, positions)                                 # (N,) at (cell, position) pairs
 where ``encoder_inputs`` is a ``scfm.model.inputs.EncoderInputs`` and ``batch`` a ``PretrainBatch``.
 Padding never changes a real token's output: attention uses a key padding mask, pooling masks it too.
-The decoder cost is linear in the number of positions (Performer); callers chunk over cells.
+
+The decoder input is built without embedding every position: ``decoder_embed`` is linear, so
+``W (content + position) + b`` splits into a position part ``W position`` computed once per batch
+(it is the same for every cell) and a content part that is one vector (``W zero + b``) for the
+thousands of zero genes, and a correction only at the few encoder tokens and hidden genes. The
+decoder's cost is then its Performer layers, linear in the number of positions. Training asks for
+predictions at the scored positions only (``model(batch, positions)``), so the final norms and the
+head run there and nowhere else.
+
+Initialisation (``init``): ``"pytorch"`` leaves every parameter as the released code does, i.e. at
+PyTorch's defaults (``nn.Linear`` U(±1/sqrt(fan_in)) weights and biases; ``nn.Embedding`` N(0, 1)
+for the bin, mask, padding and position tables; LayerNorm 1/0; the encoder's attention as
+``nn.MultiheadAttention`` sets it: Xavier-uniform input projection, zero projection biases). It
+matters most for the value embedding's 1 → bins layer: with small weights every value lands in the
+same bins and the embedding hardly depends on the value. ``"small-normal"`` is the GPT-style
+N(0, 0.02) alternative. Both draw from ``seed`` only, so a seed gives the same model every time.
 """
 
 from __future__ import annotations
@@ -30,9 +46,10 @@ from torch import nn
 
 from scfm.model.config import ModelConfig
 from scfm.model.inputs import EncoderInputs, PretrainBatch
-from scfm.model.performer import PerformerLayer
+from scfm.model.performer import PerformerLayer, PerformerSelfAttention
 
 POOLS = ("all", "max")
+INIT_SCHEMES = ("pytorch", "small-normal")
 
 
 class AutoBinValueEmbedding(nn.Module):
@@ -90,8 +107,10 @@ class EncoderLayer(nn.Module):
 
 
 class XTrimoGene(nn.Module):
-    def __init__(self, config: ModelConfig, *, seed: int | None = None):
+    def __init__(self, config: ModelConfig, *, seed: int | None = None, init: str = "pytorch"):
         super().__init__()
+        if init not in INIT_SCHEMES:
+            raise ValueError(f"init must be one of {INIT_SCHEMES}, got {init!r}")
         self.config = config
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         d = config.encoder_dim
@@ -108,7 +127,10 @@ class XTrimoGene(nn.Module):
         self.output_norm = nn.LayerNorm(config.decoder_dim, eps=config.layer_norm_eps)
         self.head = nn.Linear(config.decoder_dim, 1)
 
-        self.reset_parameters(generator)
+        if init == "pytorch":
+            self.reset_parameters_pytorch(generator)
+        else:
+            self.reset_parameters(generator)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -120,6 +142,35 @@ class XTrimoGene(nn.Module):
                 param.fill_(1.0)
             else:
                 param.zero_()
+
+    @torch.no_grad()
+    def reset_parameters_pytorch(self, generator: torch.Generator | None = None) -> None:
+        """What the released code's modules start from (see the module docstring), drawn from ``generator``."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                bound = module.in_features ** -0.5
+                module.weight.uniform_(-bound, bound, generator=generator)
+                module.bias.uniform_(-bound, bound, generator=generator)
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(generator=generator)
+        for table in (self.value_embed.bins, self.value_embed.mask_vector, self.value_embed.pad_vector):
+            table.normal_(generator=generator)
+        for layer in self.encoder:  # nn.MultiheadAttention's own reset
+            fan_out, fan_in = layer.qkv.weight.shape
+            bound = (6.0 / (fan_in + fan_out)) ** 0.5
+            layer.qkv.weight.uniform_(-bound, bound, generator=generator)
+            layer.qkv.bias.zero_()
+            layer.attn_out.bias.zero_()
+
+    @torch.no_grad()
+    def redraw_random_features(self, generator: torch.Generator) -> None:
+        """New Performer projections for every decoder layer, in layer order (training redraws them)."""
+        for module in self.modules():
+            if isinstance(module, PerformerSelfAttention):
+                module.redraw(generator)
 
     # ------------------------------------------------------------------------------ encoder
     def encode(self, values: torch.Tensor, gene_ids: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
@@ -152,25 +203,47 @@ class XTrimoGene(nn.Module):
         return encoded[torch.arange(encoded.shape[0], device=encoded.device), index]
 
     # ------------------------------------------------------------------------------ decoder
-    def decode(self, encoded: torch.Tensor, batch: PretrainBatch) -> torch.Tensor:
-        """Encoder outputs + the other positions → gene embeddings (B, P, decoder_dim)."""
+    def decoder_input(self, encoded: torch.Tensor, batch: PretrainBatch) -> torch.Tensor:
+        """``decoder_embed(content + position)`` at every position (B, P, decoder_dim); see the module docstring."""
+        cfg = self.config
+        b, n_pos = encoded.shape[0], cfg.n_positions
+        weight, bias = self.decoder_embed.weight, self.decoder_embed.bias
+        zero = self.value_embed(encoded.new_zeros(1))[0]  # (d,) the value embedding of a zero gene
+        per_position = F.linear(self.position_embed.weight[:n_pos].to(weight.dtype), weight)  # (P, dd), shared
+        x = (per_position + F.linear(zero.to(weight.dtype), weight, bias)).expand(b, n_pos, -1).reshape(b * n_pos, -1)
+
         enc = batch.encoder
-        b, n_pos, d = encoded.shape[0], self.config.n_positions, self.config.encoder_dim
-        x = self.value_embed(batch.decoder_values, masked=batch.decoder_masked)  # (B, P, d)
-        # one scratch column catches the encoder's padding (its id is pad_position == P)
-        x = torch.cat([x, x.new_zeros(b, 1, d)], dim=1)
-        x = x.scatter(1, enc.gene_ids.unsqueeze(-1).expand(-1, -1, d), encoded.to(x.dtype))[:, :n_pos]
-        positions = torch.arange(n_pos, device=x.device)
-        x = self.decoder_embed(x + self.position_embed(positions))  # (B, P, decoder_dim)
+        real = ~enc.padding_mask
+        rows = torch.arange(b, device=encoded.device).unsqueeze(1).expand_as(enc.gene_ids)[real]
+        index = [rows * n_pos + enc.gene_ids[real]]
+        content = [encoded[real]]
+        if batch.hidden.numel():
+            index.append(batch.hidden[:, 0] * n_pos + batch.hidden[:, 1])
+            content.append(self.value_embed.mask_vector.expand(batch.hidden.shape[0], -1))
+        if batch.extra_positions.numel():
+            index.append(batch.extra_positions[:, 0] * n_pos + batch.extra_positions[:, 1])
+            content.append(self.value_embed(batch.extra_values))
+        delta = F.linear((torch.cat(content) - zero).to(weight.dtype), weight)
+        return x.index_add_(0, torch.cat(index), delta).view(b, n_pos, -1)
+
+    def decoder_states(self, encoded: torch.Tensor, batch: PretrainBatch) -> torch.Tensor:
+        """The Performer layers' output (B, P, decoder_dim), before the final norms."""
+        x = self.decoder_input(encoded, batch)
         for layer in self.decoder:
             x = layer(x)
-        return self.output_norm(self.decoder_norm(x))
+        return x
 
-    def forward(self, batch: PretrainBatch) -> torch.Tensor:
-        """Predicted expression at every position (B, P), for the masked regression loss."""
+    def decode(self, encoded: torch.Tensor, batch: PretrainBatch) -> torch.Tensor:
+        """Encoder outputs + the other positions → gene embeddings (B, P, decoder_dim)."""
+        return self.output_norm(self.decoder_norm(self.decoder_states(encoded, batch)))
+
+    def forward(self, batch: PretrainBatch, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted expression at every position (B, P), or at ``positions`` ((N, 2) cell, position) → (N,)."""
         enc = batch.encoder
-        encoded = self.encode(enc.values, enc.gene_ids, enc.padding_mask)
-        return self.head(self.decode(encoded, batch)).squeeze(-1)
+        states = self.decoder_states(self.encode(enc.values, enc.gene_ids, enc.padding_mask), batch)
+        if positions is not None:
+            states = states[positions[:, 0], positions[:, 1]]
+        return self.head(self.output_norm(self.decoder_norm(states))).squeeze(-1)
 
     def predict_expression(self, batch: PretrainBatch) -> torch.Tensor:
         return self.forward(batch)

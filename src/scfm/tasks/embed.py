@@ -330,15 +330,20 @@ def _is_aligned(path: Path, vocab) -> bool:
         return False
 
 
-def check_aligned_input(path: Path, pre_normalized: str) -> None:
+def check_aligned_input(path: Path, pre_normalized: str, input_type: str = "singlecell") -> None:
     """An input that skips alignment gets the checks alignment runs, before any output is started:
     cells and genes present, no negative, NaN or infinite value, and integer counts unless the values
-    are declared normalised (``pre_normalized`` T or A). Every block is checked again as it is read."""
+    are declared normalised (``pre_normalized`` T or A) or are bulk expression (TPM and the like are
+    fractional). Every block is checked again as it is read."""
     from scfm.data.io import inspect_h5ad
 
     info = inspect_h5ad(path, layer="X")  # the first 16M values; zero cells or genes are refused here
-    if pre_normalized == "F" and not info.is_counts:
+    if requires_counts(pre_normalized, input_type) and not info.is_counts:
         raise NotCountsError(path)
+
+
+def requires_counts(pre_normalized: str, input_type: str) -> bool:
+    return pre_normalized == "F" and input_type == "singlecell"
 
 
 def _array_attrs(dataset) -> None:
@@ -470,7 +475,7 @@ def embed_file(
         else:
             staged = input_path if aligned_already else Path(scratch) / "aligned.h5ad"
         if aligned_already:
-            check_aligned_input(input_path, pre_normalized)
+            check_aligned_input(input_path, pre_normalized, input_type)
             if staged != input_path:
                 shutil.copyfile(input_path, staged)
         elif pre_normalized != "F":
@@ -484,7 +489,8 @@ def embed_file(
 
         mode = "r" if staged == input_path else "r+"
         with h5py.File(staged, mode) as handle:
-            rows = H5adRows(handle["X"], input_path, check="counts" if pre_normalized == "F" else "values")
+            rows = H5adRows(handle["X"], input_path,
+                            check="counts" if requires_counts(pre_normalized, input_type) else "values")
             n_cells = rows.shape[0]
             totals = _obs_totals(handle, input_path) if pre_normalized == "A" else None
             if output_type == "cell":

@@ -14,6 +14,10 @@ the run's overrides: micro batch, gradient accumulation, clipping, and bf16 only
 that supports it (fp32 on CPU, where DeepSpeed's bf16 path is untested). The optimizer is torch's
 AdamW handed to DeepSpeed as a client optimizer, which ZeRO accepts with
 ``zero_allow_untested_optimizer``; the learning rate follows a linear warmup then a cosine decay.
+
+The packaged configs set ``data_types.grad_accum_dtype`` to fp32: with bf16 weights DeepSpeed would
+otherwise accumulate (and, under ZeRO-2, keep the partitioned) gradients in bf16, whose 8-bit
+mantissa loses small per-micro-batch contributions when several micro-batches are summed.
 """
 
 from __future__ import annotations
@@ -192,6 +196,8 @@ def build_deepspeed_config(
         config["gradient_clipping"] = float(gradient_clipping)
     config.setdefault("train_micro_batch_size_per_gpu", 1)
     config.setdefault("gradient_accumulation_steps", 1)
+    # fp32 gradient accumulation unless the given config asks otherwise (see the module docstring)
+    config.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     # the world size is only known at initialize; DeepSpeed derives train_batch_size itself
     config.pop("train_batch_size", None)
     config["zero_allow_untested_optimizer"] = True
@@ -239,12 +245,28 @@ class WarmupCosine:
 
 
 def adamw_param_groups(model, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; biases, norms and 1-d embeddings are left alone."""
+    """Weight decay on the weight matrices of linear layers only.
+
+    Biases, LayerNorm parameters and embedding tables (position embeddings, the value embedding's bin,
+    mask and padding vectors) are left alone: decaying a lookup table pulls the rows of rarely seen
+    genes toward zero, and decaying norms fights their scale. (The released recipe uses no weight
+    decay at all; this split matters once --weight-decay is set.)
+    """
+    from torch import nn
+
+    no_decay_ids = set()
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, nn.LayerNorm)):
+            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
     decay, no_decay = [], []
-    for _, param in model.named_parameters():
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.dim() >= 2 else no_decay).append(param)
+        is_table = name.endswith(("bins", "mask_vector", "pad_vector"))
+        if param.dim() >= 2 and not is_table and id(param) not in no_decay_ids:
+            decay.append(param)
+        else:
+            no_decay.append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -253,8 +275,9 @@ def initialize_engine(
     ds_config: Mapping[str, Any],
     *,
     lr: float,
-    weight_decay: float = 0.01,
-    betas: tuple[float, float] = (0.9, 0.95),
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
     warmup_steps: int = 0,
     max_steps: int = 1,
     min_lr_ratio: float = 0.1,
@@ -263,7 +286,7 @@ def initialize_engine(
     import deepspeed
     import torch
 
-    optimizer = torch.optim.AdamW(adamw_param_groups(model, weight_decay), lr=lr, betas=betas)
+    optimizer = torch.optim.AdamW(adamw_param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_steps, max_steps, min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=dict(ds_config)

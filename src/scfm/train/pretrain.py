@@ -14,9 +14,25 @@ Output directory::
     loss_curve.png, metrics.json, deepspeed_config.json, mlflow.db (default store)
 
 Exact resume: a checkpoint holds the model, the optimizer and LR scheduler (DeepSpeed), each rank's
-loader position and torch RNG state (ours). The masking draws come from a generator seeded by
-``(seed, micro step, rank)`` (see :mod:`scfm.train.objective`), so nothing else needs saving: a
-``--resume`` run recomputes the uninterrupted run's batches and losses.
+loader position and torch RNG states (ours; dropout draws from them). The masking draws come from a
+generator seeded by ``(seed, micro step, rank)`` (see :mod:`scfm.train.objective`) and the Performer's
+random features are redrawn from ``(seed, redraw number)`` (:func:`scfm.model.performer.redraw_generator`),
+so nothing else needs saving: a ``--resume`` run recomputes the uninterrupted run's batches and losses.
+
+The recipe (defaults = the released scFoundation training, ``model/training_hyperparameter.txt`` of the
+official repository, where it says): AdamW, lr 1e-4, betas (0.9, 0.999) (torch's defaults, which the
+released run's ``adam_w`` kept), no weight decay (and, when one is set, none on biases, norms and
+embedding tables), gradient clipping 1.0, linear warmup over 9,766 optimizer steps then a cosine decay
+to 10 % (the decay's shape and floor are ours: the file gives the warmup, not the decay), encoder
+dropout 0.1 (``nn.TransformerEncoderLayer``'s default, which the released encoder layers keep; the
+Performer decoder has none), the decoder's random features redrawn every 1,000 training calls, i.e.
+micro-batches (the released Performer's ``feature_redraw_interval``), PyTorch-default initialisation
+(:class:`scfm.model.xtrimogene.XTrimoGene`), masking 30 % / 3 % with 80/10/10 and the paper's
+down-sampling (:mod:`scfm.train.objective`). 9,766 = ⌈10^7 / 1,024⌉: the released run put 128 cells x
+8 accumulated micro-batches = 1,024 cells on each device per step, so its warmup ended once every
+device had seen 10 million cells; with other batch sizes set ``--warmup-steps`` to keep what matters
+to you (the same number of steps, or of cells). Every resolved value goes to MLflow (``recipe.*``)
+and into the final checkpoint's ``config.json`` (``extra.pretrain.recipe``).
 
 Re-runs into the same directory (``--resume``):
 
@@ -61,6 +77,7 @@ COMPLETE_MARKER = "scfm_checkpoint.json"
 PREEMPTED_MARKER = "PREEMPTED"  # in the run directory while the run is stopped and waits to be continued
 RESUME_MODES = ("auto", "always", "never")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+RELEASED_WARMUP_STEPS = 9766  # model/training_hyperparameter.txt of the released scFoundation run
 
 
 class Preempted(ScfmError):
@@ -85,14 +102,20 @@ class PretrainSettings:
     lr_decay_steps: int | None = None  # cosine horizon; default max_steps (set it to stop early and resume)
     lr: float = 1e-4
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.01
+    warmup_steps: int = RELEASED_WARMUP_STEPS
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
     gradient_clipping: float = 1.0
+    encoder_dropout: float = 0.1
+    performer_redraw_interval: int = 1000  # training calls (micro-batches) between redraws; 0 = never
+    init: str = "pytorch"  # pytorch | small-normal (a fresh model only)
     save_every: int = 1000
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto | always | never
     overwrite: bool = False  # with resume="never": delete an earlier run's checkpoints and start over
-    shuffle_buffer: int = 1024
+    mix_row_groups: int = 256
+    row_group_slices: int = 4
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     seed: int = 0
     quiet: bool = False
@@ -110,6 +133,16 @@ class PretrainSettings:
             raise ScfmUsageError("--warmup-steps must not be negative")
         if self.lr <= 0:
             raise ScfmUsageError("--lr must be positive")
+        if self.weight_decay < 0:
+            raise ScfmUsageError("--weight-decay must not be negative")
+        if not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ScfmUsageError(f"--adam-betas must be in [0, 1), got {self.adam_betas}")
+        if not 0.0 <= self.encoder_dropout < 1.0:
+            raise ScfmUsageError(f"--encoder-dropout must be in [0, 1), got {self.encoder_dropout}")
+        if self.performer_redraw_interval < 0:
+            raise ScfmUsageError("--performer-redraw-interval must not be negative (0: never redraw)")
+        if self.mix_row_groups < 1 or self.row_group_slices < 1:
+            raise ScfmUsageError("--mix-row-groups and --row-group-slices must be at least 1")
         if self.vocab is None and self.init_checkpoint is None:
             raise ScfmUsageError("give --vocab (the vocabulary the shards were aligned to) or --init-checkpoint")
 
@@ -119,34 +152,33 @@ class PretrainSettings:
         params["shards"] = list(self.shards)
         return params
 
+    def recipe(self, *, decay_steps: int, world_size: int, bf16: bool, grad_accum_dtype, fresh_model: bool) -> dict:
+        """Every resolved value that shapes the optimisation (logged to MLflow and kept in the checkpoint)."""
+        return {
+            "optimizer": "AdamW", "lr": self.lr, "adam_betas": list(self.adam_betas), "adam_eps": self.adam_eps,
+            "weight_decay": self.weight_decay, "weight_decay_exempt": "biases, LayerNorms, embedding tables",
+            "gradient_clipping": self.gradient_clipping, "schedule": "linear warmup, cosine decay",
+            "warmup_steps": self.warmup_steps, "lr_decay_steps": decay_steps, "min_lr_ratio": self.min_lr_ratio,
+            "micro_batch_size": self.micro_batch_size, "grad_accum": self.grad_accum, "world_size": world_size,
+            "cells_per_step": self.micro_batch_size * self.grad_accum * world_size,
+            "encoder_dropout": self.encoder_dropout, "performer_redraw_interval": self.performer_redraw_interval,
+            "init": self.init if fresh_model else "from --init-checkpoint",
+            "precision": "bf16" if bf16 else "fp32", "grad_accum_dtype": str(grad_accum_dtype or "fp32"),
+            "mix_row_groups": self.mix_row_groups, "row_group_slices": self.row_group_slices,
+            "objective": self.objective.to_dict(),
+        }
+
 
 # ---------------------------------------------------------------------------------- model inputs
 
 
-def to_model_batch(batch: Batch, config):
-    """Our dense (B, n_genes) example tensors → the model's ``PretrainBatch`` (encoder tokens + decoder)."""
-    from scfm.model.inputs import build_pretrain_batch
-
-    values, hidden = batch.values.numpy(), batch.hidden.numpy()
-    gene_ids, cell_values, cell_hidden = [], [], []
-    for row in range(len(batch)):
-        ids = np.flatnonzero((values[row] > 0) | hidden[row])  # zero genes default to 0 in the decoder
-        gene_ids.append(ids)
-        cell_values.append(values[row, ids])
-        cell_hidden.append(hidden[row, ids])
-    return build_pretrain_batch(
-        gene_ids, cell_values, cell_hidden, batch.target_depth.tolist(), batch.source_depth.tolist(), config
-    )
-
-
 def pretraining_loss(model, batch: Batch, dtype: torch.dtype, device) -> torch.Tensor:
-    """Masked MSE of the model's gene predictions against the original normalised profile."""
-    n_genes = batch.values.shape[1]
-    inputs = to_model_batch(batch, model_config(model)).to(device)
+    """Masked MSE of the model's predictions at the scored positions against the original profile."""
+    inputs = batch.inputs.to(device)
     if dtype != torch.float32:
         inputs = _cast_floats(inputs, dtype)
-    prediction = model(inputs)[:, :n_genes].float()
-    return masked_mse(prediction, batch.target.to(device), batch.loss_mask.to(device))
+    prediction = model(inputs, batch.positions.to(device)).float()
+    return masked_mse(prediction, batch.targets.to(device))
 
 
 def model_config(model):
@@ -155,8 +187,32 @@ def model_config(model):
 
 def _cast_floats(inputs, dtype):
     inputs.encoder.values = inputs.encoder.values.to(dtype)
-    inputs.decoder_values = inputs.decoder_values.to(dtype)
+    inputs.extra_values = inputs.extra_values.to(dtype)
     return inputs
+
+
+class FeatureRedraw:
+    """New Performer random features every ``interval`` training calls, the same on every rank.
+
+    Draw k (k = micro step // interval) always comes from ``redraw_generator(seed, k)``, so a resumed
+    run puts back the projections the uninterrupted run had at that micro step.
+    """
+
+    def __init__(self, interval: int, seed: int):
+        self.interval, self.seed = int(interval), int(seed)
+
+    def before_micro_step(self, module, micro_step: int) -> None:
+        if self.interval and micro_step > 0 and micro_step % self.interval == 0:
+            self._apply(module, micro_step // self.interval)
+
+    def restore(self, module, micro_step: int) -> None:
+        if self.interval and micro_step >= self.interval:
+            self._apply(module, micro_step // self.interval)
+
+    def _apply(self, module, draw: int) -> None:
+        from scfm.model.performer import redraw_generator
+
+        module.redraw_random_features(redraw_generator(self.seed, draw))
 
 
 # ---------------------------------------------------------------------------------- inputs check
@@ -189,15 +245,17 @@ def open_inputs(settings: PretrainSettings):
         config = initial.config
     else:
         config = ModelConfig.preset(settings.model_preset, n_genes=len(vocab))
-    return manifests, vocab, config, initial
+    return manifests, vocab, config.replace(dropout=settings.encoder_dropout), initial
 
 
-def build_model(config, initial, seed: int):
+def build_model(config, initial, seed: int, init: str = "pytorch"):
     from scfm.model.xtrimogene import XTrimoGene
 
     if initial is not None:
-        return initial.model.float()
-    return XTrimoGene(config, seed=seed)
+        model = XTrimoGene(config)
+        model.load_state_dict(initial.model.state_dict())  # the checkpoint's weights, this run's dropout
+        return model.float()
+    return XTrimoGene(config, seed=seed, init=init)
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -234,7 +292,9 @@ def math_settings(settings: PretrainSettings, config, vocab, world_size: int, ze
         "--micro-batch-size": settings.micro_batch_size,
         "--grad-accum": settings.grad_accum,
         "--seed": settings.seed,
-        "--shuffle-buffer": settings.shuffle_buffer,
+        "--mix-row-groups": settings.mix_row_groups,
+        "--row-group-slices": settings.row_group_slices,
+        "--performer-redraw-interval": settings.performer_redraw_interval,
         **{f"--{k.replace('_', '-')}": v for k, v in settings.objective.to_dict().items()},
     }
 
@@ -304,6 +364,8 @@ def save_training_state(engine, checkpoint_dir: Path, step: int, micro_step: int
         "loader": dataset.state_dict(),
         "torch_rng": torch.get_rng_state().tolist(),
     }
+    if torch.cuda.is_available():  # dropout on the GPU draws from the device's generator
+        state["cuda_rng"] = torch.cuda.get_rng_state().tolist()
     with atomic_output(checkpoint_dir / tag / f"scfm_rank{rank}.json") as tmp:
         tmp.write_text(json.dumps(state))
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"step": step, "micro_step": micro_step},
@@ -345,6 +407,8 @@ def load_training_state(engine, checkpoint_dir: Path, tag: str, dataset, rank: i
                         f"this run has {dataset.world_size}", checkpoint_dir)
     dataset.load_state_dict(state["loader"])
     torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda_rng"], dtype=torch.uint8))
     return int(state["step"]), int(state["micro_step"])
 
 
@@ -483,17 +547,21 @@ def pretrain(settings: PretrainSettings) -> dict:
     launch = init_distributed(launch)
     rank, world_size = launch.rank, launch.world_size
     torch.manual_seed(settings.seed + rank)
-    model = build_model(config, initial, settings.seed)
+    model = build_model(config, initial, settings.seed, settings.init)
     decay_steps = settings.lr_decay_steps or settings.max_steps
     engine = initialize_engine(
-        model, ds_config, lr=settings.lr, weight_decay=settings.weight_decay,
-        warmup_steps=settings.warmup_steps, max_steps=decay_steps, min_lr_ratio=settings.min_lr_ratio,
+        model, ds_config, lr=settings.lr, weight_decay=settings.weight_decay, betas=tuple(settings.adam_betas),
+        eps=settings.adam_eps, warmup_steps=settings.warmup_steps, max_steps=decay_steps,
+        min_lr_ratio=settings.min_lr_ratio,
     )
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     dataset = ShardDataset(
         [m["dir"] for m in manifests], rank=rank, world_size=world_size, seed=settings.seed,
-        shuffle_buffer=settings.shuffle_buffer, loop=True,
+        mix_row_groups=settings.mix_row_groups, row_group_slices=settings.row_group_slices, loop=True,
     )
+    redraw = FeatureRedraw(settings.performer_redraw_interval, settings.seed)
+    recipe = settings.recipe(decay_steps=decay_steps, world_size=world_size, bf16=dtype == torch.bfloat16,
+                             grad_accum_dtype=engine.get_data_types()[1], fresh_model=initial is None)
 
     step, micro_step = 0, 0
     if not resuming and launch.is_main and checkpoint_dir.exists():
@@ -502,7 +570,12 @@ def pretrain(settings: PretrainSettings) -> dict:
     if resuming:
         step, micro_step = load_training_state(engine, checkpoint_dir, resume_tag, dataset, rank)
         _reapply_schedule(engine, settings.warmup_steps, decay_steps, settings.min_lr_ratio)
+        redraw.restore(engine.module, micro_step)
     if launch.is_main:
+        if settings.warmup_steps >= decay_steps:
+            print(f"warning: --warmup-steps {settings.warmup_steps} >= the LR horizon of {decay_steps} steps: "
+                  "the learning rate never reaches --lr (set --warmup-steps, e.g. to a tenth of --max-steps)",
+                  file=sys.stderr)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
         (out_dir / PREEMPTED_MARKER).unlink(missing_ok=True)  # this run continues it
@@ -512,13 +585,14 @@ def pretrain(settings: PretrainSettings) -> dict:
     params = {
         **settings.to_params(), "world_size": world_size, "launcher": launch.launcher, "deepspeed": ds_config,
         "model": config.to_dict(), "n_parameters": sum(p.numel() for p in model.parameters()),
-        "resumed_from_step": step if resuming else None,
+        "resumed_from_step": step if resuming else None, "recipe": recipe,
     }
     uri = tracking.resolve_uri(settings.mlflow_uri, out_dir)
     with StopRequest() as stop, tracking.step_run("pretrain", uri=uri, params=tracking.flatten_params(params),
                                                   enabled=launch.is_main) as run:
         run.log_dict(ds_config, "deepspeed_config.json")
         run.log_dict({"model": config.to_dict()}, "model_config.json")
+        run.log_dict(recipe, "recipe.json")
         stream = iter(dataset)
         bar = progress(total=settings.max_steps, desc="pretrain", unit="step",
                        quiet=settings.quiet or not launch.is_main)
@@ -531,7 +605,8 @@ def pretrain(settings: PretrainSettings) -> dict:
             for _ in range(settings.grad_accum):
                 cells = next_cells(stream, settings.micro_batch_size)
                 batch = make_batch(cells, config.n_genes, settings.objective,
-                                   step_generator(settings.seed, micro_step, rank))
+                                   step_generator(settings.seed, micro_step, rank), config)
+                redraw.before_micro_step(engine.module, micro_step)
                 loss = pretraining_loss(engine, batch, dtype, engine.device)
                 engine.backward(loss)
                 engine.step()
@@ -573,7 +648,8 @@ def pretrain(settings: PretrainSettings) -> dict:
             tag = latest_tag(checkpoint_dir)
             state = consolidated_state_dict(engine, checkpoint_dir, tag)
             final = write_final_model(out_dir, state, config, vocab,
-                                      extra={"pretrain": {"step": step, "tag": tag, "final_loss": metrics["final_loss"]}})
+                                      extra={"pretrain": {"step": step, "tag": tag, "final_loss": metrics["final_loss"],
+                                                          "recipe": recipe}})
             with atomic_output(out_dir / "metrics.json") as tmp:
                 tmp.write_text(json.dumps(metrics, indent=2) + "\n")
             plot_loss_curve(history, out_dir / "loss_curve.png")
