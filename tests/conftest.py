@@ -67,9 +67,10 @@ def run_bin(step: str, *args, check: bool = True, env: dict | None = None, cwd=N
     return proc
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def scfm_bin():
-    """``scfm_bin("qc", "in.h5ad", "-o", "out.h5ad", check=False)`` → CompletedProcess."""
+    """``scfm_bin("qc", "in.h5ad", "-o", "out.h5ad", check=False)`` → CompletedProcess (session-wide, so that
+    module fixtures can run steps too; ``from conftest import`` would find another folder's conftest)."""
     return run_bin
 
 

@@ -63,14 +63,12 @@ def small(pbmc_counts, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def modules_run(train_data, go_dir, tmp_path_factory):
+def modules_run(train_data, go_dir, scfm_bin, tmp_path_factory):
     """One real `scfm-genes modules` run on the 700 PBMCs (tiny random model, GO enrichment, PCA baseline)."""
-    from conftest import run_bin
-
     root = tmp_path_factory.mktemp("genes_modules")
     out = root / "pbmc.genes"
     store = f"sqlite:///{root / 'mlflow.db'}"
-    proc = run_bin("genes", "modules", train_data["aligned"], "-o", out, "--checkpoint", train_data["checkpoint"],
+    proc = scfm_bin("genes", "modules", train_data["aligned"], "-o", out, "--checkpoint", train_data["checkpoint"],
                    "--groupby", LABEL_KEY, "--max-cells-per-group", 20, "--go-db", go_dir, "--seed", 0, "--quiet",
                    "--mlflow-uri", store)
     return {"out": out, "store": root / "mlflow.db", "proc": proc, "aligned": train_data["aligned"]}
@@ -134,14 +132,12 @@ def test_modules_run_is_logged_to_mlflow(modules_run):
     assert {"gene_modules.tsv", "summary.json", "gene_modules.html", "gene_umap.png"} <= logged
 
 
-def test_report_embeds_the_gene_modules_section(modules_run, tmp_path):
-    from conftest import run_bin
-
+def test_report_embeds_the_gene_modules_section(modules_run, scfm_bin, tmp_path):
     cells = ad.read_h5ad(modules_run["aligned"])
     cells.obsm["X_scfm"] = np.random.default_rng(0).standard_normal((cells.n_obs, 8)).astype(np.float32)
     cells.write_h5ad(tmp_path / "embedded.h5ad")
     report = tmp_path / "report.html"
-    run_bin("report", tmp_path / "embedded.h5ad", "-o", report, "--label-key", LABEL_KEY, "--gene-modules",
+    scfm_bin("report", tmp_path / "embedded.h5ad", "-o", report, "--label-key", LABEL_KEY, "--gene-modules",
             modules_run["out"], "--seed", 0, "--quiet", "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}")
     text = report.read_text()
     assert 'id="section-gene-modules"' in text and "top GO BP terms" in text
@@ -150,14 +146,12 @@ def test_report_embeds_the_gene_modules_section(modules_run, tmp_path):
     assert headline["n_modules"] == json.loads((modules_run["out"] / "summary.json").read_text())["n_modules"]
 
 
-def test_network_from_the_gene_embeddings(modules_run, shared_data, tmp_path):
-    from conftest import run_bin
-
+def test_network_from_the_gene_embeddings(modules_run, shared_data, scfm_bin, tmp_path):
     from scfm.tasks.genes.network import load_tf_list
 
     genes = modules_run["out"] / "gene_embeddings.h5ad"
     edges_path = tmp_path / "adjacencies.tsv"
-    run_bin("genes", "network", genes, "-o", edges_path, "--tf-list", shared_data / "lambert2018_human_tfs.txt",
+    scfm_bin("genes", "network", genes, "-o", edges_path, "--tf-list", shared_data / "lambert2018_human_tfs.txt",
             "--top-targets", 5, "--seed", 0, "--quiet", "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}")
     edges = pd.read_csv(edges_path, sep="\t")
     assert list(edges.columns) == ["TF", "target", "importance"]
@@ -168,7 +162,7 @@ def test_network_from_the_gene_embeddings(modules_run, shared_data, tmp_path):
     assert (np.diff(edges.importance.to_numpy()) <= 0).all() and not (edges.TF == edges.target).any()
 
     group_edges = tmp_path / "dc.tsv"
-    run_bin("genes", "network", genes, "-o", group_edges, "--tf-list", shared_data / "lambert2018_human_tfs.txt",
+    scfm_bin("genes", "network", genes, "-o", group_edges, "--tf-list", shared_data / "lambert2018_human_tfs.txt",
             "--group", "CD14+ Monocyte", "--format", "decoupler", "--top-targets", 0, "--quiet",
             "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}")
     decoupler = pd.read_csv(group_edges, sep="\t")
