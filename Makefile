@@ -8,7 +8,7 @@ NXF_RUNTIME ?= .nextflow-runtime
 NEXTFLOW     = $(NXF_RUNTIME)/bin/nextflow
 TEST_PATH    = $(CURDIR)/$(BIN):$(CURDIR)/bin:$(CURDIR)/$(NXF_RUNTIME)/bin:$$PATH
 
-.PHONY: demo test test-fast lint-nf nextflow image base-image bench lock clean
+.PHONY: demo test test-fast lint-nf nextflow image base-image bench lock clean go
 .DEFAULT_GOAL := demo
 
 $(BIN)/.installed: pyproject.toml requirements.lock
@@ -52,6 +52,9 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/qc_align.py
 	$(BIN)/python bench/embed.py
 	$(BIN)/python bench/train.py
+
+go:  ## GO BP databases for `scfm genes` enrichment (Debian packages, pinned + SHA-256) -> $$SCFM_GO_DIR or ~/.cache/scfm/go
+	scripts/install_go.sh
 
 lock: $(BIN)/.installed  ## rewrite requirements.lock from the current environment
 	{ head -2 requirements.lock; $(BIN)/pip freeze --exclude-editable | sed 's/+cpu$$//' | grep -v '^pytest'; } > requirements.lock.tmp

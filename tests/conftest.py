@@ -67,9 +67,10 @@ def run_bin(step: str, *args, check: bool = True, env: dict | None = None, cwd=N
     return proc
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def scfm_bin():
-    """``scfm_bin("qc", "in.h5ad", "-o", "out.h5ad", check=False)`` → CompletedProcess."""
+    """``scfm_bin("qc", "in.h5ad", "-o", "out.h5ad", check=False)`` → CompletedProcess (session-wide, so that
+    module fixtures can run steps too; ``from conftest import`` would find another folder's conftest)."""
     return run_bin
 
 
@@ -131,3 +132,39 @@ def mlflow_server(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def go_dir():
+    """The GO databases from `make go` (scfm.data.go.default_go_dir()). Missing: skip, or fail where CI sets
+    SCFM_REQUIRE_GO=1, so that CI cannot pass by skipping them."""
+    from scfm.data.go import default_go_dir, resolve_go_dir
+    from scfm.errors import ScfmError
+
+    try:
+        return resolve_go_dir(None)
+    except ScfmError:
+        reason = f"GO databases not installed in {default_go_dir()} (run `make go`)"
+        if os.environ.get("SCFM_REQUIRE_GO") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+def find_shared_data() -> Path | None:
+    """The project's real-data folder: $SCFM_SHARED_DATA, else the first ``shared/data`` beside the checkout
+    or one of its parents (``../shared/data`` from the project's root, ``../../shared/data`` from a worktree)."""
+    if os.environ.get("SCFM_SHARED_DATA"):
+        return Path(os.environ["SCFM_SHARED_DATA"])
+    for parent in REPO.parents:
+        if (parent / "shared" / "data").is_dir():
+            return parent / "shared" / "data"
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """Path of the shared real data (read-only); skips when it is absent."""
+    found = find_shared_data()
+    if found is None or not found.is_dir():
+        pytest.skip("the shared real-data folder (../shared/data) is absent")
+    return found

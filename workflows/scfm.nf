@@ -13,6 +13,8 @@
  * every cell for --drugs (default: all of the model's). Reports: one per batch and one for all samples.
  * --perturbation_key adds PERTURB (perturbation response on the aligned samples, with the base
  * checkpoint's gene context embeddings); the all-samples report shows its section.
+ * --gene_modules adds GENE_MODULES per sample (and GENE_NETWORK with --tf_list) with the base
+ * checkpoint's decoder, summarised in the all-samples report.
  */
 
 include { MLFLOW_INIT              } from '../modules/local/mlflow_init'
@@ -26,6 +28,8 @@ include { EMBED                    } from '../modules/local/embed'
 include { ANNOTATE                 } from '../modules/local/annotate'
 include { DRUG_RESPONSE            } from '../modules/local/drug_response'
 include { PERTURB                  } from '../modules/local/perturb'
+include { GENE_MODULES             } from '../modules/local/gene_modules'
+include { GENE_NETWORK             } from '../modules/local/gene_network'
 include { REPORT as REPORT_BATCH   } from '../modules/local/report'
 include { REPORT as REPORT_ALL     } from '../modules/local/report'
 
@@ -108,6 +112,20 @@ workflow SCFM {
         results = ANNOTATE.out.h5ad
     }
 
+    // gene modules from the model's decoder (the base checkpoint: a classifier may carry no decoder),
+    // on the annotated cells so that --gene_modules_groupby can name the predicted cell type
+    if (params.gene_modules) {
+        def go_db = params.go_db ? file(params.go_db, checkIfExists: true) : []
+        GENE_MODULES(results, base_checkpoint, vocab, go_db, tracking)
+        gene_dirs = GENE_MODULES.out.dir.map { _meta, dir -> dir }.collect(sort: true)
+        if (params.tf_list) {
+            GENE_NETWORK(GENE_MODULES.out.dir, file(params.tf_list, checkIfExists: true), tracking)
+        }
+    }
+    else {
+        gene_dirs = channel.value([])
+    }
+
     if (params.drug_model) {
         DRUG_RESPONSE(results, channel.value(file(params.drug_model, checkIfExists: true)), tracking)
         results = DRUG_RESPONSE.out.h5ad
@@ -130,13 +148,13 @@ workflow SCFM {
         .map { meta, h5ad, summary -> [meta.batch, h5ad, summary] }
         .groupTuple(sort: true)
         .map { batch, h5ads, summaries -> ["batch_${batch}", h5ads, summaries] }
-    REPORT_BATCH(per_batch, [], tracking)
+    REPORT_BATCH(per_batch, [], [], tracking)
 
     all_samples = with_qc
         .map { _meta, h5ad, summary -> [h5ad, summary] }
         .toList()
         .map { pairs -> ['all_samples', pairs.collect { pair -> pair[0] }.sort(), pairs.collect { pair -> pair[1] }.sort()] }
-    REPORT_ALL(all_samples, perturbation, tracking)
+    REPORT_ALL(all_samples, perturbation, gene_dirs, tracking)
 
     // the parent run ends once every report is written
     MLFLOW_FINISH(tracking, REPORT_BATCH.out.html.mix(REPORT_ALL.out.html).map { _name, html -> html }.collect())
@@ -161,6 +179,12 @@ workflow SCFM {
     }
     if (params.perturbation_key) {
         versions = versions.mix(PERTURB.out.versions)
+    }
+    if (params.gene_modules) {
+        versions = versions.mix(GENE_MODULES.out.versions)
+    }
+    if (params.gene_modules && params.tf_list) {
+        versions = versions.mix(GENE_NETWORK.out.versions)
     }
 
     emit:

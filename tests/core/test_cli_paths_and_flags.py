@@ -52,12 +52,14 @@ def _commands(p):
                            "-o", "OUT"],
         "perturb train": ["perturb", "train", aligned, "--perturbation-key", "x", "--control", "c", "-o", "OUT"],
         "perturb predict": ["perturb", "predict", p["tmp"], "--perturbation", "A", "-o", "OUT"],
+        "genes modules": ["genes", "modules", aligned, "-o", "OUT", "--checkpoint", ckpt],
+        "genes network": ["genes", "network", aligned, "--tf-list", vocab, "-o", "OUT", "--checkpoint", ckpt],
     }
 
 
 COMMANDS = ["qc", "qc --plots-dir", "align", "align --shards-dir", "vocab build", "embed", "convert", "pretrain",
             "finetune", "annotate", "enhance", "report", "demo", "drug train", "drug predict", "drug adapt",
-            "drug score", "perturb assign", "perturb train", "perturb predict"]
+            "drug score", "perturb assign", "perturb train", "perturb predict", "genes modules", "genes network"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -86,6 +88,9 @@ SAME_AS_INPUT = {
     "finetune (folder holding the input)": (["finetune", "IN", "-o", "PARENT", "--checkpoint", "CKPT",
                                              "--label-key", "bulk_labels"], "parent"),
     "convert (folder holding the input)": (["convert", "CKPTFILE", "-o", "PARENT", "--vocab", "VOCAB"], "parent"),
+    "genes modules (folder holding the input)": (["genes", "modules", "IN", "-o", "PARENT", "--checkpoint", "CKPT"],
+                                                 "parent"),
+    "genes network": (["genes", "network", "IN", "--tf-list", "VOCAB", "-o", "OUT", "--checkpoint", "CKPT"], "dotted"),
 }
 
 
@@ -147,6 +152,7 @@ def _flag_commands(p):
         "perturb train": ["perturb", "train", aligned, "--perturbation-key", "x", "--control", "c", "-o", out],
         "perturb assign": ["perturb", "assign", aligned, "--guide-counts", aligned, "--guide-targets", aligned,
                            "-o", out],
+        "genes modules": ["genes", "modules", aligned, "-o", out, "--checkpoint", ckpt],
     }
 
 
@@ -190,6 +196,10 @@ FLAGS = [
     ("perturb train", "--lr", "nan", "is not a finite number"),
     ("perturb train", "--coexpression-threshold", "1.5", "not in the range 0<=x<=1"),
     ("perturb assign", "--min-ratio", "nan", "is not a finite number"),
+    ("genes modules", "--resolution", "nan", "is not a finite number"),
+    ("genes modules", "--resolution", "0", "not in the range x>0"),
+    ("genes modules", "--alpha", "inf", "is not a finite number"),
+    ("genes modules", "--alpha", "0", "not in the range 0<x<=1"),
 ]
 
 

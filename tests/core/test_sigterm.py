@@ -155,3 +155,17 @@ def test_report(inputs, tmp_path, terminate_when):
     code, stderr = terminate_when(["report", inputs["embedded"], "-o", out / "report.html"],
                                   lambda: "report:" in log.read_text(), inputs["store"])
     assert_stopped_cleanly(code, stderr, out)
+
+
+def test_genes_modules_with_its_scratch_folder(inputs, tmp_path, terminate_when):
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def embedding():  # the input aligned into the scratch folder beside the output, gene embeddings under way
+        log = tmp_path / "stderr.txt"
+        return any(p.name.startswith(".scfm-genes-") for p in out.iterdir()) and "gene embeddings" in log.read_text()
+
+    code, stderr = terminate_when(["genes", "modules", inputs["raw"], "-o", out / "s.genes", "--checkpoint",
+                                   inputs["checkpoint"], "--no-enrichment", "--batch-size", 1],
+                                  embedding, inputs["store"])
+    assert_stopped_cleanly(code, stderr, out)

@@ -1,4 +1,5 @@
-"""requirements.lock (installed by `make` and by the container images) pins every dependency of pyproject.toml."""
+"""requirements.lock (installed by `make` and by the container images) pins every dependency of pyproject.toml,
+the optional `bench` ones included (the benchmarks' slow tests run in CI)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def read_lock(path: Path) -> dict[str, Version]:
 
 def project_requirements() -> list[Requirement]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return [Requirement(r) for r in project["dependencies"]]
+    bench = project.get("optional-dependencies", {}).get("bench", [])
+    return [Requirement(r) for r in [*project["dependencies"], *bench]]
 
 
 def unsatisfied(requirements: list[Requirement], pins: dict[str, Version]) -> list[str]:

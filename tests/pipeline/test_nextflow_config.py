@@ -154,6 +154,9 @@ def _refused(tmp_path: Path, *args: str, profile: str = "test,local") -> str:
     (["--publish_dir_mode", "move"], "--publish_dir_mode: 'move' is not one of"),
     (["--mode", "embed"], "--mode embed needs --checkpoint"),
     (["--mode", "embed", "--checkpoint", str(DEMO)], f"--checkpoint {DEMO} has no vocab.tsv"),
+    (["--mode", "embed", "--classifier", str(DEMO), "--gene_modules"], "--gene_modules needs --checkpoint"),
+    (["--tf_list", str(DEMO / "samplesheet.csv")], "--tf_list, --go_db and --gene_modules_groupby take effect with --gene_modules"),
+    (["--gene_modules", "--go_db", str(DEMO / "samplesheet.csv")], "--go_db: " + str(DEMO / "samplesheet.csv") + " is not a directory"),
 ])
 def test_bad_parameters_are_refused_before_any_task(args, expected, tmp_path):
     assert expected in _refused(tmp_path, *args)
@@ -218,6 +221,9 @@ STUB_MODES = {
     "embed-classifier": ["--mode", "embed", "--classifier", DEMO],
     "embed-reference": ["--mode", "embed", "--checkpoint", DEMO, "--reference", DEMO / "pbmc_b.h5ad",
                         "--label_key", "bulk_labels"],
+    # gene modules with the pretrained model, and with a given checkpoint plus TF -> target edges
+    "pretrain-genes": ["--gene_modules"],
+    "embed-genes": ["--mode", "embed", "--checkpoint", DEMO, "--gene_modules", "--tf_list", "TF_LIST"],
 }
 # a stub checkpoint directory needs a vocab.tsv, as a real one has
 STUB_EXPECTED = {
@@ -226,17 +232,21 @@ STUB_EXPECTED = {
     "embed": set(),
     "embed-classifier": {"ANNOTATE"},
     "embed-reference": {"ANNOTATE"},
+    "pretrain-genes": {"VOCAB_BUILD", "PRETRAIN", "FINETUNE", "ANNOTATE", "GENE_MODULES"},
+    "embed-genes": {"GENE_MODULES", "GENE_NETWORK"},
 }
 
 
 @pytest.mark.parametrize("mode", STUB_MODES)
 def test_stub_run_of_every_mode(mode, tmp_path, stub_model):
-    args = [stub_model if a == DEMO else a for a in STUB_MODES[mode]]
+    tf_list = tmp_path / "tfs.txt"
+    tf_list.write_text("CD3E\n")
+    args = [{DEMO: stub_model, "TF_LIST": tf_list}.get(a, a) for a in STUB_MODES[mode]]
     launch = run_pipeline(tmp_path / "launch", tmp_path / "out", "stub", "-stub-run", *args).check()
     ran = {task.split(" ")[0] for task in launch.tasks("COMPLETED")}
     always = {"MLFLOW_INIT", "QC", "ALIGN", "EMBED", "REPORT_BATCH", "REPORT_ALL", "MLFLOW_FINISH"}
     assert ran == always | STUB_EXPECTED[mode], ran
-    skipped = {"VOCAB_BUILD", "PRETRAIN", "FINETUNE", "ANNOTATE"} - STUB_EXPECTED[mode]
+    skipped = {"VOCAB_BUILD", "PRETRAIN", "FINETUNE", "ANNOTATE", "GENE_MODULES", "GENE_NETWORK"} - STUB_EXPECTED[mode]
     assert not ran & skipped
 
 

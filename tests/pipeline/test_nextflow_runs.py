@@ -7,7 +7,8 @@ One pretraining run (the test profile) feeds the others with its model, classifi
     reports run, also with a new --outdir and so a new MLflow store;
   - finetune and embed modes from an official-format `.ckpt` + `--vocab`, one against an MLflow server, the
     other with the optional DRUG_RESPONSE step;
-  - a corrupt sample: the run stops with scfm's one-line error and publishes nothing for it.
+  - a corrupt sample: the run stops with scfm's one-line error and publishes nothing for it;
+  - the optional steps on small inputs of their own: PERTURB, GENE_MODULES and GENE_NETWORK.
 """
 
 from __future__ import annotations
@@ -337,3 +338,54 @@ def test_perturbation_step_on_a_screen_with_a_planted_effect(tmp_path):
     assert evaluation
     html = (outdir / "reports" / "all_samples.report.html").read_text()
     assert 'id="section-perturbation"' in html
+
+
+def test_gene_modules_and_network_steps_publish_their_results_and_a_report_section(train_data, go_dir, tmp_path):
+    """GENE_MODULES (with GO enrichment and a heatmap by cell type) and GENE_NETWORK in embed mode on one demo
+    sample with the tiny random model: what is published under genes/, the report's section, MLflow. The
+    machinery only; what the modules mean is tested in tests/genes and measured in bench/genes.py."""
+    import pandas as pd
+
+    # the four largest cell types: --gene_modules_groupby refuses groups of fewer than 5 cells
+    cells = ad.read_h5ad(DEMO / "pbmc_b.h5ad")
+    largest = cells.obs["bulk_labels"].value_counts().index[:4]
+    cells[cells.obs["bulk_labels"].isin(largest)].copy().write_h5ad(tmp_path / "pbmc_b.h5ad")
+    tf_list = tmp_path / "tfs.txt"
+    tf_list.write_text("SPI1\nIRF8\nJUNB\nFOS\nNOT_A_GENE\n")
+    sheet = write_samplesheet(tmp_path / "samples.csv", [("pbmc_b", tmp_path / "pbmc_b.h5ad", "b2")])
+    outdir = tmp_path / "out"
+    launch = run_pipeline(tmp_path / "launch", outdir, "genes", "--input", sheet, "--mode", "embed",
+                          "--checkpoint", train_data["checkpoint"], "--gene_modules", "--gene_modules_groupby",
+                          "bulk_labels", "--go_db", go_dir, "--tf_list", tf_list).check()
+    assert {"GENE_MODULES (pbmc_b)", "GENE_NETWORK (pbmc_b)"} <= set(launch.tasks("COMPLETED"))
+
+    genes = outdir / "genes" / "pbmc_b.genes"
+    summary = json.loads((genes / "summary.json").read_text())
+    table = pd.read_csv(genes / "gene_modules.tsv", sep="\t")
+    assert len(table) == summary["n_genes"] and set(table["gene"]) <= set(train_data["vocab_obj"].genes)
+    modules = sorted(m for m in table["module"].unique() if m >= 0)
+    assert len(modules) == summary["n_modules"] > 0
+    scored = ad.read_h5ad(genes / "cells.h5ad")
+    assert sorted(c for c in scored.obs.columns if c.startswith("gene_module_")) == \
+        sorted(f"gene_module_{m}" for m in modules)
+    embeddings = ad.read_h5ad(genes / "gene_embeddings.h5ad")
+    assert embeddings.n_obs == summary["n_genes"] and embeddings.n_vars == 32  # tiny: decoder_dim 32
+    assert summary["groupby"] == "bulk_labels" and (genes / "plots" / "module_scores_heatmap.png").is_file()
+    assert summary["enrichment"]["n_modules"] == len(modules)
+    assert (genes / "enrichment.tsv").is_file() and (genes / "gene_modules.html").is_file()
+
+    edges = pd.read_csv(outdir / "genes" / "pbmc_b.adjacencies.tsv", sep="\t")
+    assert list(edges.columns) == ["TF", "target", "importance"] and len(edges) > 0
+    assert set(edges["TF"]) <= {"SPI1", "IRF8", "JUNB", "FOS"} and (edges["importance"] > 0).all()
+
+    html = (outdir / "reports" / "all_samples.report.html").read_text()
+    section = html[html.index('id="section-gene-modules"'):]
+    assert "Module scores by bulk_labels" in section and "data:image/png;base64," in section
+    metrics = json.loads((outdir / "reports" / "all_samples.metrics.json").read_text())
+    assert metrics["gene_modules"][0]["n_modules"] == len(modules)
+    assert 'id="section-gene-modules"' not in (outdir / "reports" / "batch_b2.report.html").read_text()
+    versions = yaml.safe_load((outdir / "pipeline_info" / "scfm_software_versions.yml").read_text())
+    assert {"SCFM:GENE_MODULES", "SCFM:GENE_NETWORK"} <= set(versions)
+    parent, children = nested_runs(store(outdir))
+    assert parent.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in children)
+    assert {"genes-modules", "genes-network"} <= set(steps_of(children))

@@ -6,6 +6,7 @@ process REPORT {
     input:
     tuple val(name), path(h5ads, stageAs: 'inputs/*', arity: '1..*'), path(qc_summaries, stageAs: 'qc/*', arity: '1..*')
     path perturbation, stageAs: 'perturb/*'
+    path gene_modules, stageAs: 'gene_modules/*', arity: '0..*'
     env('SCFM_PIPELINE_SESSION')
 
     output:
@@ -20,6 +21,8 @@ process REPORT {
     def label = params.report_label_key ? "--label-key '${params.report_label_key}' --labels-optional" : ''
     def qc = qc_summaries.collect { summary -> "--qc-json '${summary}'" }.join(' ')
     def perturb = perturbation ? "--perturbation '${perturbation}'" : ''
+    // GENE_MODULES result directories (none unless --gene_modules): one report section each
+    def genes = gene_modules.collect { dir -> "--gene-modules '${dir}'" }.join(' ')
     """
     scfm-report \\
         ${h5ads.join(' ')} \\
@@ -27,6 +30,7 @@ process REPORT {
         ${label} \\
         ${qc} \\
         ${perturb} \\
+        ${genes} \\
         --batch-key ${params.batch_key} \\
         --metrics-json '${name}.metrics.json' \\
         --seed ${params.seed} \\

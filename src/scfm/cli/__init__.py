@@ -37,9 +37,9 @@ def cli() -> None:
 
 def _register() -> None:
     # imported here so that `scfm --help` stays fast and each area owns its own module
-    from scfm.cli import align, downstream, drug, model, perturb, qc, samplesheet, tracking, train
+    from scfm.cli import align, downstream, drug, genes, model, perturb, qc, samplesheet, tracking, train
 
-    for module in (qc, align, model, train, downstream, perturb, tracking, drug, samplesheet):
+    for module in (qc, align, model, train, downstream, genes, perturb, tracking, drug, samplesheet):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -124,14 +124,17 @@ def enhance(input, output, checkpoint, version, vocab, target_depth, layer, eval
               help="Report on a seeded random subset of at most this many cells.")
 @click.option("--perturbation", type=click.Path(exists=True, file_okay=False), default=None,
               help="Predictor directory of `scfm perturb train --folds K`: adds a perturbation-response section.")
+@click.option("--gene-modules", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Output directory of `scfm genes modules` to add as a section (repeatable).")
 @step_options
 def report(inputs, output, embedding_key, label_key, labels_optional, batch_key, qc_json, run_ids, metrics_json, title,
-           max_cells, perturbation, mlflow_uri, seed, quiet):
+           max_cells, perturbation, gene_modules, mlflow_uri, seed, quiet):
     """Write one self-contained HTML report (and a metrics JSON) for embedded h5ad INPUTS.
 
     Several INPUTS are concatenated into one combined report; label metrics score the cells that
     have a label (inputs without the --label-key column are named in the report).
     """
+    from scfm.report import genes as gene_section
     from scfm.report.html import build_report, flat_metrics, load_report_inputs
 
     output = Path(output)
@@ -142,8 +145,10 @@ def report(inputs, output, embedding_key, label_key, labels_optional, batch_key,
     # inputs are read and checked first: a bad input fails in seconds and opens no MLflow run
     loaded = load_report_inputs(inputs, embedding_key=embedding_key, label_key=label_key, batch_key=batch_key,
                                 qc_json=qc_json, mlflow_uri=uri, run_ids=run_ids, labels_optional=labels_optional)
+    extra = [gene_section.report_section(directory, i) for i, directory in enumerate(gene_modules)]
     params = {"inputs": list(inputs), "embedding_key": embedding_key, "label_key": label_key,
-              "labels_optional": labels_optional, "batch_key": batch_key, "run_ids": list(run_ids), "max_cells": max_cells, "seed": seed}
+              "labels_optional": labels_optional, "batch_key": batch_key, "run_ids": list(run_ids), "max_cells": max_cells, "seed": seed,
+              "gene_modules": list(gene_modules)}
     if perturbation is not None:
         from scfm.report.perturb import load_result
 
@@ -153,7 +158,10 @@ def report(inputs, output, embedding_key, label_key, labels_optional, batch_key,
         text, result = build_report(
             loaded, embedding_key=embedding_key, label_key=label_key, batch_key=batch_key, qc_json=qc_json,
             run_ids=run_ids, seed=seed, title=title, max_cells=max_cells, quiet=quiet, perturbation=perturbation,
+            extra_sections=[(key, name, body) for key, name, body, _ in extra],
         )
+        if extra:
+            result["gene_modules"] = [metrics for *_, metrics in extra]
         with atomic_output(metrics_path) as tmp_json, atomic_output(output) as tmp_html:
             tmp_json.write_text(json.dumps(result, indent=2))
             tmp_html.write_text(text, encoding="utf-8")

@@ -438,9 +438,13 @@ def package_versions() -> dict[str, str]:
     return found
 
 
-def render(title: str, subtitle: str, bodies: dict[str, str]) -> str:
+def render(title: str, subtitle: str, bodies: dict[str, str],
+           extra_sections: Sequence[tuple[str, str, str]] = ()) -> str:
+    """``extra_sections``: (key, title, body) of sections built elsewhere (e.g. gene modules), shown last."""
     template = Template((Path(__file__).parent / "templates" / "report.html").read_text())
-    shown = [*SECTIONS, *[(key, name) for key, name in OPTIONAL_SECTIONS if key in bodies]]
+    shown = [*SECTIONS, *[(key, name) for key, name in OPTIONAL_SECTIONS if key in bodies],
+             *((key, name) for key, name, _ in extra_sections)]
+    bodies = {**bodies, **{key: body for key, _, body in extra_sections}}
     nav = "".join(f'<a href="#section-{key}">{_e(name)}</a>' for key, name in shown)
     sections = "\n".join(section(key, name, bodies[key]) for key, name in shown)
     return template.substitute(title=_e(title), subtitle=_e(subtitle), nav=nav, sections=sections)
@@ -502,10 +506,12 @@ def build_report(
     max_cells: int | None = 50_000,
     quiet: bool = False,
     perturbation=None,
+    extra_sections: Sequence[tuple[str, str, str]] = (),
 ) -> tuple[str, dict]:
     """Compute metrics and figures for loaded inputs; return (HTML text, metrics dict).
 
-    ``perturbation``: a predictor directory of `scfm perturb train --folds K`, shown in its own section."""
+    ``perturbation``: a predictor directory of `scfm perturb train --folds K`, shown in its own section.
+    ``extra_sections``: (key, title, body) of sections built by their own step (e.g. gene modules), shown last."""
     from scfm.utils import progress
 
     inputs, uns_list = loaded.paths, loaded.uns_list
@@ -612,7 +618,7 @@ def build_report(
     bar.close()
     title = title or f"scfm report: {', '.join(Path(p).name for p in inputs)}"
     subtitle = f"{adata.n_obs} cells · scfm {result['versions'].get('scfm', '?')}"
-    return render(title, subtitle, bodies), _jsonable(result)
+    return render(title, subtitle, bodies, extra_sections), _jsonable(result)
 
 
 def flat_metrics(result: dict) -> dict[str, float]:

@@ -5,6 +5,7 @@
                 chunk_size=4096, max_tokens=None, out=None) -> np.ndarray        # (cells, 4d | d)
     predict_expression(model, counts, *, target_depth="t4", ...) -> np.ndarray  # (cells, n_genes)
     gene_embeddings(model, counts, *, target_depth="t4", ...) -> np.ndarray     # (cells, n_genes, decoder_dim)
+    decoder_batches(model, counts, *, output="genes", ...) -> iterator of (rows, normalised, values) per batch
     embed_file(input_path, output_path, checkpoint, ...) -> dict                 # what `scfm embed` runs
     checkpoint_sha256(checkpoint, version="ce") -> str                          # identity of the loaded weights
 
@@ -184,8 +185,18 @@ def _check_width(n_genes: int, expected: int) -> None:
                         "align the input to the checkpoint's vocabulary first (scfm align)")
 
 
-def _decoder_pass(model, counts, kind, *, totals, target_depth, pre_normalized, batch_size, device, precision,
-                  progress, chunk_size, out, input_type="singlecell"):
+def decoder_batches(model, counts, *, output: str = "genes", totals=None, target_depth: str = "t4",
+                    pre_normalized: str = "F", batch_size: int = 2, device: str = "auto", precision: str = "auto",
+                    chunk_size: int = 1024, input_type: str = "singlecell"):
+    """Run cells through encoder and decoder ``batch_size`` at a time, in input order.
+
+    Yields ``(rows, normalised, values)`` per batch: the batch's row indices in ``counts``, its normalised
+    expression (CSR, cells x n_genes) and, on the device, the decoder's gene embeddings (cells, n_genes,
+    decoder_dim) for ``output="genes"`` or its expression output (cells, n_genes) for ``"expression"``.
+    Callers reduce each batch before asking for the next, so nothing of size cells x genes x dims is held.
+    """
+    if output not in ("genes", "expression"):
+        raise ValueError(f"output must be 'genes' or 'expression', got {output!r}")
     net = _unwrap(model)
     model_inputs.parse_target_depth(target_depth)
     dev = resolve_device(device)
@@ -193,10 +204,7 @@ def _decoder_pass(model, counts, kind, *, totals, target_depth, pre_normalized, 
     n_cells, n_genes = counts.shape
     cfg = net.config
     _check_width(n_genes, cfg.n_genes)
-    shape = (n_cells, cfg.n_genes) if kind == "expression" else (n_cells, cfg.n_genes, cfg.decoder_dim)
     target_sum = bulk_target_sum(counts, input_type, pre_normalized, chunk_size)
-    if out is None:
-        out = np.empty(shape, dtype=np.float32)
     was_training = net.training
     net.eval().to(dev)
     try:
@@ -210,17 +218,29 @@ def _decoder_pass(model, counts, kind, *, totals, target_depth, pre_normalized, 
                     batch = model_inputs.decoder_batch_from_csr(normalised, target, source, cfg, rows).to(dev)
                     enc = batch.encoder
                     genes = net.decode(net.encode(enc.values, enc.gene_ids, enc.padding_mask), batch)
-                    if kind == "expression":
-                        values = net.head(genes).squeeze(-1)[:, : cfg.n_genes]
-                    else:
-                        values = genes[:, : cfg.n_genes]
-                    values = values.float().cpu().numpy()
-                    _check_finite(values, start + first)
-                    out[start + first : start + first + len(rows)] = values
-                    if progress is not None:
-                        progress.update(len(rows))
+                    values = net.head(genes).squeeze(-1) if output == "expression" else genes
+                    yield start + rows, normalised[rows], values[:, : cfg.n_genes]
     finally:
         net.train(was_training)
+
+
+def _decoder_pass(model, counts, kind, *, totals, target_depth, pre_normalized, batch_size, device, precision,
+                  progress, chunk_size, out, input_type="singlecell"):
+    net = _unwrap(model)
+    cfg = net.config
+    n_cells = counts.shape[0]
+    shape = (n_cells, cfg.n_genes) if kind == "expression" else (n_cells, cfg.n_genes, cfg.decoder_dim)
+    batches = decoder_batches(net, counts, output=kind, totals=totals, target_depth=target_depth,
+                              pre_normalized=pre_normalized, batch_size=batch_size, device=device,
+                              precision=precision, chunk_size=chunk_size, input_type=input_type)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    for rows, _, values in batches:
+        values = values.float().cpu().numpy()
+        _check_finite(values, int(rows[0]))
+        out[rows[0] : rows[-1] + 1] = values
+        if progress is not None:
+            progress.update(len(rows))
     return out
 
 
@@ -242,7 +262,7 @@ def gene_embeddings(model, counts, *, target_depth: str = "t4", totals=None, pre
                     batch_size: int = 2, device: str = "auto", precision: str = "auto", progress=None,
                     chunk_size: int = 1024, out=None, input_type: str = "singlecell") -> np.ndarray:
     """Context-specific gene embeddings (cells, n_genes, decoder_dim) from the decoder, float32."""
-    return _decoder_pass(model, counts, "gene", totals=totals, target_depth=target_depth,
+    return _decoder_pass(model, counts, "genes", totals=totals, target_depth=target_depth,
                          pre_normalized=pre_normalized, batch_size=batch_size, device=device, precision=precision,
                          progress=progress, chunk_size=chunk_size, out=out, input_type=input_type)
 

@@ -72,6 +72,12 @@ def modeProblems() {
     if (params.perturbation_key && params.mode != 'pretrain' && !params.checkpoint) {
         problems << "--perturbation_key needs --checkpoint (its gene context embeddings), or --mode pretrain"
     }
+    if (params.gene_modules && params.mode != 'pretrain' && !params.checkpoint) {
+        problems << "--gene_modules needs --checkpoint (its decoder's gene embeddings), or --mode pretrain"
+    }
+    if ((params.tf_list || params.go_db || params.gene_modules_groupby) && !params.gene_modules) {
+        problems << "--tf_list, --go_db and --gene_modules_groupby take effect with --gene_modules"
+    }
     if (params.classifier && params.reference) {
         problems << "--classifier and --reference are two ways to annotate: give one"
     }
