@@ -49,11 +49,21 @@ def timed(fn):
     return result, time.perf_counter() - start
 
 
+def outputs_of_the_task(folder: str, names: list[str]) -> list[str]:
+    """What a copied task folder leaves out: all but its scripts and its staged inputs (symlinks, also in
+    the subfolders `stageAs` makes)."""
+    def kept(name: str) -> bool:
+        path = os.path.join(folder, name)
+        return name.startswith(".command") or os.path.islink(path) or os.path.isdir(path)
+
+    return [n for n in names if not kept(n)]
+
+
 def direct_chain(trace: list[dict], workdir: Path, outdir: Path) -> float:
     """Run every task's script again outside Nextflow, stage by stage, two tasks at a time."""
-    env = task_environment({"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
-                            "SCFM_PRETRAIN_RUNS_DIR": str(workdir / "runs"),
-                            "SCFM_PIPELINE_SESSION": "direct-chain"})
+    env = task_environment()  # drops any MLflow or session variable of this shell; the tasks get their own
+    env.update({"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+                "SCFM_PRETRAIN_RUNS_DIR": str(workdir / "runs"), "SCFM_PIPELINE_SESSION": "direct-chain"})
     env["PATH"] = f"{REPO / 'bin'}:{env['PATH']}"
     # a stage: the tasks Nextflow submitted while the previous stage's outputs were all it needed
     stages: dict[str, list[dict]] = {}
@@ -62,10 +72,11 @@ def direct_chain(trace: list[dict], workdir: Path, outdir: Path) -> float:
 
     def run(row: dict) -> None:
         copy = workdir / "tasks" / row["hash"].replace("/", "_")
-        shutil.copytree(row["workdir"], copy, symlinks=True,
-                        ignore=lambda _dir, names: [n for n in names if not n.startswith(".command") and not os.path.islink(os.path.join(_dir, n))])
-        subprocess.run(["bash", "-euo", "pipefail", ".command.sh"], cwd=copy, env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.copytree(row["workdir"], copy, symlinks=True, ignore=outputs_of_the_task)
+        done = subprocess.run(["bash", "-euo", "pipefail", ".command.sh"], cwd=copy, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{row['name']} outside Nextflow exited {done.returncode}: {done.stderr[-2000:]}")
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
