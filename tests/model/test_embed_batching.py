@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import h5py
 import numpy as np
 import pytest
@@ -9,7 +11,13 @@ import scipy.sparse as sp
 import torch
 
 from scfm.model import ModelConfig, XTrimoGene
-from scfm.tasks.embed import H5adRows, embed_cells, gene_embeddings, predict_expression
+from scfm.tasks import embed as embed_module
+from scfm.tasks.embed import H5adRows
+
+# batching invariances are properties of the fp32 path; "auto" may pick bf16 on a CPU with native bf16
+embed_cells = partial(embed_module.embed_cells, precision="fp32")
+predict_expression = partial(embed_module.predict_expression, precision="fp32")
+gene_embeddings = partial(embed_module.gene_embeddings, precision="fp32")
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,9 @@ from scfm.cli.common import step_options
 @click.option("--overwrite", is_flag=True,
               help="Start over: delete OUTPUT's checkpoints of an earlier run (with --resume never or auto).")
 @click.option("--shuffle-buffer", type=int, default=1024, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="auto: bf16 on CUDA; on a CPU with native bf16 (AVX-512 BF16, AMX) bf16 autocast when the first "
+                   "batch's predictions keep per-cell cosine >= 0.999 to fp32, else fp32.")
 @click.option("--mask-ratio", type=float, default=0.3, show_default=True, help="Share of nonzero genes masked.")
 @click.option("--zero-mask-ratio", type=float, default=0.03, show_default=True, help="Share of zero genes masked.")
 @click.option("--mask-token-prob", type=float, default=0.8, show_default=True)
@@ -105,6 +108,9 @@ def pretrain_command(shards, out_dir, mask_ratio, zero_mask_ratio, mask_token_pr
 @click.option("--test-size", type=float, default=0.2, show_default=True)
 @click.option("--val-size", type=float, default=0.1, show_default=True)
 @click.option("--pool", type=click.Choice(["all", "max"]), default="all", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Encoder precision on a CPU: auto picks bf16 autocast where the CPU has native bf16 and the "
+                   "first cells' embeddings keep per-cell cosine >= 0.999 to fp32, else fp32.")
 @click.option("--min-cells-per-class", type=int, default=5, show_default=True,
               help="Classes with fewer labelled cells are left out (and listed in metrics.json).")
 @step_options
