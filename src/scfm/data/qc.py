@@ -468,14 +468,16 @@ def _stream_cell_filters(input, passed_cells: Path, info, params, layer, chunk_s
     """Pass 1 over the input: per-cell metrics, cell filters, gene detection; passing cells (all genes) to disk."""
     metric_blocks, removed_blocks, obs_blocks = [], [], []
     n_cells_per_gene = np.zeros(info.n_vars, dtype=np.int64)
+    mito = ribo = None
     writer = _CsrWriter(passed_cells, n_cols=info.n_vars)
     bar = progress(total=info.n_obs, desc=f"QC metrics {input.name}", unit="cells", quiet=quiet)
     with bar, contextlib.closing(writer):
         for obs, block, var in io.iter_chunks(input, chunk_size, layer=layer, require_counts=True):
-            mito, ribo = gene_groups(var.index)
+            if mito is None:  # every block has the same genes
+                mito, ribo = gene_groups(var.index)
             metrics = cell_metrics(block, mito, ribo, index=obs.index)
             removed = first_failed_cell_filter(metrics, params)
-            passed = block[removed == ""]
+            passed = block if (removed == "").all() else block[removed == ""]
             n_cells_per_gene += np.bincount(passed.indices, minlength=info.n_vars)
             writer.append(passed)
             metric_blocks.append(metrics)
@@ -505,9 +507,42 @@ def _stream_gene_filter(input, passed_cells: Path, h5ad_tmp, first: _FirstPass, 
     for column in METRIC_COLUMNS:
         passed_obs[column] = metrics_all[column].to_numpy()[passed_rows]
 
-    # scrublet runs on buffers of >= flush_size kept cells
-    flush_size = max(chunk_size, DOUBLET_MIN_CELLS) if params.doublets else chunk_size
-    writer = _CsrWriter(h5ad_tmp, n_cols=int(kept_genes.sum()))
+    if kept_genes.all() and not params.doublets:
+        # nothing left to drop: the passing cells on disk already are the output matrix
+        os.replace(passed_cells, h5ad_tmp)
+        writer = _CsrWriter.reopen(h5ad_tmp)
+        kept_obs = [passed_obs]
+    else:
+        writer = _CsrWriter(h5ad_tmp, n_cols=int(kept_genes.sum()))
+        with _closing_on_error(writer):
+            kept_obs = _write_kept_genes(input, passed_cells, writer, passed_obs, obs_all, removed_by, kept_genes,
+                                         params, chunk_size, quiet)
+    with contextlib.closing(writer):
+        summary = build_summary(sample_of_cell=obs_all["sample"].astype(str).to_numpy(), removed_by=removed_by,
+                                n_genes_in=info.n_vars, genes_removed=int(np.sum(~kept_genes)), params=params)
+        _refuse_empty(summary["filters"], input)
+        summary.update(sample=sample, counts_source=info.counts_source)
+        passed_obs = pd.concat(kept_obs)
+        if params.doublets:
+            n_tested = int(np.sum(np.isin(removed_by, ["", "doublets"])))
+            summary["doublet_rate"] = float(np.sum(removed_by == "doublets") / max(1, n_tested))
+        writer.finish(obs=passed_obs, var=var_out)
+    return summary, metrics_all, passed_obs[list(METRIC_COLUMNS)]
+
+
+@contextlib.contextmanager
+def _closing_on_error(writer):
+    try:
+        yield
+    except BaseException:
+        writer.close()
+        raise
+
+
+def _write_kept_genes(input, passed_cells, writer, passed_obs, obs_all, removed_by, kept_genes, params, chunk_size,
+                      quiet) -> list[pd.DataFrame]:
+    """Read the passing cells back, keep the genes that passed, call doublets; → obs of the cells written."""
+    flush_size = max(chunk_size, DOUBLET_MIN_CELLS)  # scrublet runs on buffers of >= flush_size kept cells
     kept_obs, pending_obs, pending_rows = [], [], []
 
     def flush(final: bool) -> None:
@@ -519,34 +554,28 @@ def _stream_gene_filter(input, passed_cells: Path, h5ad_tmp, first: _FirstPass, 
             rows_now, obs_now = rows[:take], obs.iloc[:take].copy()
             pending_rows = [rows[take:]] if take < rows.shape[0] else []
             pending_obs = [obs.iloc[take:]] if take < rows.shape[0] else []
-            if params.doublets:
-                scores, calls = detect_doublets(rows_now, params.seed, input)
-                obs_now["doublet_score"], obs_now["predicted_doublet"] = scores, calls
-                removed_by[obs_all.index.get_indexer(obs_now.index[calls])] = "doublets"
-                rows_now, obs_now = rows_now[~calls], obs_now[~calls]
-            writer.append(rows_now)
-            kept_obs.append(obs_now)
+            scores, calls = detect_doublets(rows_now, params.seed, input)
+            obs_now["doublet_score"], obs_now["predicted_doublet"] = scores, calls
+            removed_by[obs_all.index.get_indexer(obs_now.index[calls])] = "doublets"
+            writer.append(rows_now[~calls])
+            kept_obs.append(obs_now[~calls])
 
-    bar = progress(total=len(passed_rows), desc=f"QC genes {input.name}", unit="cells", quiet=quiet)
-    with bar, contextlib.closing(writer):
+    bar = progress(total=len(passed_obs), desc=f"QC genes {input.name}", unit="cells", quiet=quiet)
+    with bar:
         offset = 0
         for block in _read_csr_blocks(passed_cells, chunk_size):
-            pending_rows.append(_keep_columns(block, kept_genes))
-            pending_obs.append(passed_obs.iloc[offset:offset + block.shape[0]])
-            flush(final=False)
+            rows, obs = _keep_columns(block, kept_genes), passed_obs.iloc[offset:offset + block.shape[0]]
+            if params.doublets:
+                pending_rows.append(rows)
+                pending_obs.append(obs)
+                flush(final=False)
+            else:
+                writer.append(rows)
+                kept_obs.append(obs)
             offset += block.shape[0]
             bar.update(block.shape[0])
         flush(final=True)
-        summary = build_summary(sample_of_cell=obs_all["sample"].astype(str).to_numpy(), removed_by=removed_by,
-                                n_genes_in=info.n_vars, genes_removed=int(np.sum(~kept_genes)), params=params)
-        _refuse_empty(summary["filters"], input)
-        summary.update(sample=sample, counts_source=info.counts_source)
-        passed_obs = pd.concat(kept_obs)
-        if params.doublets:
-            n_tested = int(np.sum(np.isin(removed_by, ["", "doublets"])))
-            summary["doublet_rate"] = float(np.sum(removed_by == "doublets") / max(1, n_tested))
-        writer.finish(obs=passed_obs, var=var_out)
-    return summary, metrics_all, passed_obs[list(METRIC_COLUMNS)]
+    return kept_obs
 
 
 def _read_csr_blocks(path: Path, chunk_size: int) -> Iterator[sp.csr_matrix]:
@@ -566,6 +595,8 @@ def _read_csr_blocks(path: Path, chunk_size: int) -> Iterator[sp.csr_matrix]:
 
 def _keep_columns(block: sp.csr_matrix, kept: np.ndarray) -> sp.csr_matrix:
     """``block[:, kept]`` for a boolean mask, in one vectorised pass (column order and sortedness kept)."""
+    if kept.all():
+        return block
     new_index = np.cumsum(kept, dtype=np.int64) - 1
     keep = kept[block.indices]
     indptr = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])[block.indptr]
@@ -589,6 +620,19 @@ class _CsrWriter:
         self.indptr = group.create_dataset("indptr", shape=(1,), dtype=np.int64, data=[0], **opts)
         group.attrs["n_cols"] = n_cols  # read back by _read_csr_blocks before finish() sets the shape
         self.group = group
+
+    @classmethod
+    def reopen(cls, path: Path) -> "_CsrWriter":
+        """A writer on a matrix written earlier (e.g. moved into place), to finish it."""
+        import h5py
+
+        writer = cls.__new__(cls)
+        writer.file = h5py.File(path, "r+")
+        writer.group = writer.file["X"]
+        writer.data, writer.indices, writer.indptr = (writer.group[k] for k in ("data", "indices", "indptr"))
+        writer.n_cols = int(writer.group.attrs["n_cols"])
+        writer.n_rows, writer.nnz = len(writer.indptr) - 1, len(writer.data)
+        return writer
 
     def append(self, rows: sp.csr_matrix) -> None:
         rows = sp.csr_matrix(rows, dtype=np.float32)
