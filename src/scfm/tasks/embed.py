@@ -168,6 +168,9 @@ def embed_cells(
     if out is None:
         out = np.empty((n_cells, dim), dtype=np.float32)
     max_tokens = max_tokens or batch_size * 2048
+    # fp32 on a CPU measured faster computing only real tokens, bf16 there and CUDA faster with one padded
+    # batched kernel (bench/RESULTS.md)
+    encode = net.encode_packed if dev.type == "cpu" and prec == "fp32" else net.encode
     was_training = net.training
     net.eval().to(dev)
     try:
@@ -181,7 +184,7 @@ def embed_cells(
                 pending = None
                 for rows in model_inputs.length_buckets(n_tokens, batch_size, max_tokens):
                     enc = model_inputs.encoder_inputs_from_csr(normalised, target, source, net.config, rows).to(dev)
-                    encoded = net.encode(enc.values, enc.gene_ids, enc.padding_mask)
+                    encoded = encode(enc.values, enc.gene_ids, enc.padding_mask)
                     # on a GPU the kernels above are only queued: collect the previous batch now, so the
                     # host prepares the next batch while the device still works on this one
                     _collect(pending, result, progress)
