@@ -89,6 +89,8 @@ def _assert_mlflow_run(out_dir, n_steps):
     assert run.info.status == "FINISHED"
     assert run.data.params["deepspeed.zero_optimization.stage"] == "2"
     assert run.data.params["world_size"] == "2"
+    # both ranks took one precision decision (on a CPU: bf16 only with native bf16 and cosine >= 0.999)
+    assert run.data.params["resolved_precision"] in ("fp32", "bf16") and run.data.params["precision_reason"]
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, n_steps + 1))
     logged = {m.step: m.value for m in history}
@@ -144,7 +146,8 @@ def test_one_process_zero1_from_an_initial_checkpoint(train_data, tmp_path, scfm
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000003"  # the final step is saved
     loaded = load_checkpoint(out / "model")
     assert loaded.config == load_checkpoint(train_data["checkpoint"]).config
-    assert json.loads((out / "metrics.json").read_text())["world_size"] == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 1 and metrics["precision"] in ("fp32", "bf16") and metrics["precision_reason"]
 
     # --resume never refuses the finished run's directory, and leaves it as it was
     again = ["pretrain", "--shards", train_data["shards"], "--init-checkpoint", train_data["checkpoint"],
