@@ -154,8 +154,13 @@ def measure(kind: str, inp: Path, vocab_path: Path, out: Path, chunk_size: int) 
 
 
 def machine() -> str:
+    """The CPU by name (the numbers depend on it) and the load it carried when the run started."""
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()}-core {platform.machine()} CPU, {mem:.0f} GiB"
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+               platform.processor() or "CPU")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{os.cpu_count()}-core {platform.machine()} {cpu}, {mem:.0f} GiB, load average {load} at start"
 
 
 def main() -> None:

@@ -120,7 +120,7 @@ def test_empty_result_is_refused_naming_the_filter_and_nothing_is_written(pbmc, 
     assert f"QC filter '{name}'" in info.value.message and "removed all" in info.value.message
     assert info.value.path == str(path)
     assert not out.exists() and not summary.exists()
-    assert not list((tmp_path / "o").rglob("*.png")) and not list((tmp_path / "o").glob(".*tmp"))
+    assert not list((tmp_path / "o").rglob("*.png")) and not list((tmp_path / "o").glob(".*"))  # no tmp or scratch
 
 
 def test_normalized_input_is_refused(pbmc, tmp_path):
@@ -193,3 +193,46 @@ def test_plots_survive_constant_metrics(tmp_path):
     summary = qc.run_qc(tmp_path / "flat.h5ad", tmp_path / "out.h5ad", min_genes=5, plots_dir=tmp_path / "p")
     assert summary["cells_out"] == 50
     assert all((tmp_path / "p" / f"flat.qc_{kind}.png").stat().st_size > 0 for kind in ("violin", "hist"))
+
+
+def test_cell_metrics_equal_scanpys_exactly(pbmc_counts):
+    """The vectorised metrics are scanpy's calculate_qc_metrics, bit for bit (explicit zeros included)."""
+    import pandas as pd
+    import scanpy as sc
+
+    counts = sp.csr_matrix(pbmc_counts.X, dtype=np.float32, copy=True)  # the fixture is shared: never edit it
+    counts.data[::50] = 0  # explicit zeros: scanpy drops them before counting genes
+    mito, ribo = qc.gene_groups(pbmc_counts.var_names)
+    assert mito.any() and ribo.any()
+    block = ad.AnnData(X=counts.copy(), var=pd.DataFrame({"mt": mito, "ribo": ribo}, index=pbmc_counts.var_names))
+    expected, _ = sc.pp.calculate_qc_metrics(block, qc_vars=["mt", "ribo"], percent_top=None, log1p=False,
+                                             inplace=False)
+    ours = qc.cell_metrics(counts.copy(), mito, ribo, index=pbmc_counts.obs_names)
+    assert (ours["n_genes_by_counts"].to_numpy() == expected["n_genes_by_counts"].to_numpy()).all()
+    for column in qc.METRIC_COLUMNS[1:]:
+        np.testing.assert_array_equal(ours[column].to_numpy(),
+                                      expected[column].astype(np.float32).fillna(0.0).to_numpy())
+
+
+@pytest.mark.parametrize("min_cells", [25, None], ids=["genes-dropped", "no-gene-filter"])
+@pytest.mark.parametrize("chunk_size", [None, 128], ids=["in-memory", "streamed"])
+def test_same_cells_and_genes_as_scanpys_own_filters(pbmc, tmp_path, chunk_size, min_cells):
+    import scanpy as sc
+
+    path, adata = pbmc
+    ref = adata.copy()
+    ref.var["mt"] = qc.gene_groups(ref.var_names)[0]
+    sc.pp.calculate_qc_metrics(ref, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
+    ref = ref[(ref.obs["n_genes_by_counts"] >= 300) & (ref.obs["pct_counts_mt"] <= 2.0)].copy()
+    if min_cells is not None:
+        sc.pp.filter_genes(ref, min_cells=min_cells)
+        assert 0 < ref.n_vars < adata.n_vars  # the gene filter bites
+    assert 0 < ref.n_obs < adata.n_obs  # the cell filters bite
+
+    out = tmp_path / "out.h5ad"
+    qc.run_qc(path, out, sample="s1", min_genes=300, max_pct_mito=2.0, min_cells=min_cells, chunk_size=chunk_size)
+    written = ad.read_h5ad(out)
+    assert list(written.obs_names) == [f"s1_{b}" for b in ref.obs_names]
+    assert list(written.var_names) == list(ref.var_names)
+    assert (written.X != sp.csr_matrix(ref.X, dtype=np.float32)).nnz == 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no scratch file left behind

@@ -10,6 +10,7 @@ Our reading of the released `get_embedding.py` for `--input_type bulk`:
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import anndata as ad
 import h5py
@@ -25,7 +26,10 @@ from scfm.errors import ScfmError
 from scfm.model import ModelConfig, XTrimoGene
 from scfm.model.checkpoint import save_checkpoint
 from scfm.model.inputs import bulk_target_sum, encoder_inputs_from_csr, normalize_bulk
-from scfm.tasks.embed import embed_cells
+from scfm.tasks import embed as embed_module
+
+# exact comparisons hold on the fp32 path; "auto" may pick bf16 on a CPU with native bf16
+embed_cells = partial(embed_module.embed_cells, precision="fp32")
 
 
 def _tokens(normalised, target, source, config, row):
@@ -120,7 +124,8 @@ def test_embed_cli_records_bulk_input(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "bulk.embedded.h5ad"
     result = CliRunner().invoke(cli, ["embed", str(tmp_path / "bulk.h5ad"), "-o", str(out), "--checkpoint",
-                                      str(tmp_path / "ckpt"), "--input-type", "bulk", "--quiet", "--mlflow-uri", uri])
+                                      str(tmp_path / "ckpt"), "--input-type", "bulk", "--precision", "fp32",
+                                      "--quiet", "--mlflow-uri", uri])
     assert result.exit_code == 0, result.output
     embedded = ad.read_h5ad(out)
     settings = embedded.uns["scfm"]["embed"]

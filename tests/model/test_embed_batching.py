@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import h5py
 import numpy as np
 import pytest
@@ -9,7 +11,13 @@ import scipy.sparse as sp
 import torch
 
 from scfm.model import ModelConfig, XTrimoGene
-from scfm.tasks.embed import H5adRows, embed_cells, gene_embeddings, predict_expression
+from scfm.tasks import embed as embed_module
+from scfm.tasks.embed import H5adRows
+
+# batching invariances are properties of the fp32 path; "auto" may pick bf16 on a CPU with native bf16
+embed_cells = partial(embed_module.embed_cells, precision="fp32")
+predict_expression = partial(embed_module.predict_expression, precision="fp32")
+gene_embeddings = partial(embed_module.gene_embeddings, precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +117,21 @@ def test_wrong_width_is_a_clear_error(model, cells):
     empty[1, :] = 0
     with pytest.raises(ScfmError, match=r"total count <= 0 \(first: row 1\)"):
         embed_cells(model, empty.tocsr())
+
+
+def test_packed_cpu_encoder_equals_the_padded_one(model, cells):
+    from scfm.model import inputs as model_inputs
+
+    normalised, totals = model_inputs.normalize_counts(cells[:9])
+    target, source = model_inputs.depth_tokens(totals, "t4")
+    enc = model_inputs.encoder_inputs_from_csr(normalised, target, source, model.config, np.arange(9))
+    assert enc.padding_mask.any()  # cells of different lengths: there is padding to skip
+    with torch.no_grad():
+        padded = model.encode(enc.values, enc.gene_ids, enc.padding_mask)
+        packed = model.encode_packed(enc.values, enc.gene_ids, enc.padding_mask)
+    real = ~enc.padding_mask
+    torch.testing.assert_close(packed[real], padded[real], atol=1e-5, rtol=1e-5)
+    assert (packed[~real] == 0).all()
+    with pytest.raises(RuntimeError, match="inference"):
+        model.train().encode_packed(enc.values, enc.gene_ids, enc.padding_mask)
+    model.eval()

@@ -50,27 +50,29 @@ def _mlflow_runs(db):
 def test_embed_writes_cells_settings_and_mlflow_run(workdir, tmp_path, scfm_bin):
     out = tmp_path / "pbmc.embedded.h5ad"
     proc = scfm_bin("embed", workdir / "pbmc.h5ad", "-o", out, "--checkpoint", workdir / "ckpt",
-                    "--pool", "max", "--target-depth", "a1", "--quiet")
+                    "--pool", "max", "--target-depth", "a1", "--precision", "fp32", "--quiet")
     assert proc.returncode == 0
     adata = ad.read_h5ad(out)
     assert adata.shape == (60, 630) and list(adata.var_names[:3]) == list(Vocabulary.load(workdir / "vocab.tsv").genes[:3])
     assert adata.obsm["X_scfm"].shape == (60, 64)
     settings = adata.uns["scfm"]["embed"]
     assert settings["pool"] == "max" and settings["target_depth"] == "a1" and settings["precision"] == "fp32"
+    assert settings["precision_reason"] == "requested fp32"
     assert adata.uns["scfm"]["vocab_sha256"] == settings["vocab_sha256"]
     assert "bulk_labels" in adata.obs
     # same numbers as the library call on the aligned counts
     model = load_checkpoint(workdir / "ckpt").model
-    expected = embed_cells(model, adata.X, pool="max", target_depth="a1")
+    expected = embed_cells(model, adata.X, pool="max", target_depth="a1", precision="fp32")
     np.testing.assert_allclose(adata.obsm["X_scfm"], expected, atol=1e-6, rtol=0)
     (finished,) = _mlflow_runs(tmp_path / "mlflow.db")
     assert finished.info.status == "FINISHED"
     assert finished.data.params["pool"] == "max" and finished.data.metrics["n_cells"] == 60
+    assert finished.data.params["precision_reason"] == "requested fp32"
 
     # an already aligned file is embedded as it is (no second alignment), with the same result
     again = tmp_path / "again.h5ad"
     code, output = run("embed", out, "-o", again, "--checkpoint", workdir / "ckpt", "--pool", "max",
-                       "--target-depth", "a1", "--quiet")
+                       "--target-depth", "a1", "--precision", "fp32", "--quiet")
     assert code == 0, output
     second = ad.read_h5ad(again)
     assert bool(second.uns["scfm"]["embed"]["aligned_input"]) is True
@@ -212,3 +214,14 @@ def test_annotate_refuses_a_reference_from_another_checkpoint_of_the_same_shape(
     code, output = run("annotate", same, "-o", accepted, "--reference", reference, "--label-key", "bulk_labels")
     assert code == 0, output
     assert ad.read_h5ad(accepted).obs["scfm_cell_type"].notna().all()
+
+
+def test_auto_precision_records_what_it_picked_and_why(workdir, tmp_path):
+    from scfm.model.precision import cpu_native_bf16
+
+    out = tmp_path / "auto.h5ad"
+    code, output = run("embed", workdir / "pbmc.h5ad", "-o", out, "--checkpoint", workdir / "ckpt", "--quiet")
+    assert code == 0, output
+    settings = ad.read_h5ad(out).uns["scfm"]["embed"]
+    assert settings["precision"] in ("fp32", "bf16") and settings["precision_reason"].startswith("auto on CPU")
+    assert ("no native bf16" in settings["precision_reason"]) == (not cpu_native_bf16())

@@ -24,7 +24,7 @@ def frozen_run(train_data, tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, str(BIN / "scfm-finetune"), train_data["aligned"], "-o", out,
          "--checkpoint", train_data["checkpoint"], "--label-key", LABEL_KEY, "--epochs", "15", "--seed", "1",
-         "--quiet"],
+         "--precision", "fp32", "--quiet"],  # fp32: the head is compared exactly with embed's fp32 output
         capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -55,6 +55,7 @@ def test_classifier_directory_and_held_out_metrics(frozen_run, pbmc_counts):
     assert metrics["baseline"]["accuracy"] > majority + 0.1
     assert 0 < metrics["test"]["macro_f1"] <= 1 and 0 < metrics["baseline"]["macro_f1"] <= 1
     assert 1 <= metrics["best_epoch"] <= metrics["epochs_run"] <= 15
+    assert metrics["precision"] == "fp32" and metrics["precision_reason"] == "requested fp32"
 
 
 def test_head_applies_to_scfm_embed_output(frozen_run, train_data, pbmc_counts):

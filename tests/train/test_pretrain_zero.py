@@ -99,6 +99,8 @@ def _assert_mlflow_run(out_dir, n_steps):
 
     saved = load_checkpoint(out_dir / "model").extra["pretrain"]["recipe"]
     assert saved["warmup_steps"] == 2 and saved["lr"] == 2e-3 and saved["mix_row_groups"] == 256
+    # both ranks took one precision decision (on a CPU: bf16 only with native bf16 and cosine >= 0.999)
+    assert run.data.params["resolved_precision"] in ("fp32", "bf16") and run.data.params["precision_reason"]
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, n_steps + 1))
     logged = {m.step: m.value for m in history}
@@ -156,7 +158,8 @@ def test_one_process_zero1_from_an_initial_checkpoint(train_data, tmp_path, scfm
     # the initial checkpoint's shape, with the dropout this run trained with (the recipe's 0.1)
     assert loaded.config == load_checkpoint(train_data["checkpoint"]).config.replace(dropout=0.1)
     assert loaded.extra["pretrain"]["recipe"]["encoder_dropout"] == 0.1
-    assert json.loads((out / "metrics.json").read_text())["world_size"] == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 1 and metrics["precision"] in ("fp32", "bf16") and metrics["precision_reason"]
 
     # --resume never refuses the finished run's directory, and leaves it as it was
     again = ["pretrain", "--shards", train_data["shards"], "--init-checkpoint", train_data["checkpoint"],

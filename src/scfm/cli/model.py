@@ -34,8 +34,9 @@ from scfm.cli.common import check_outputs, fraction, step_options
               help="Cells per batch (default: cell output 4 on CPU, 64 on CUDA; decoder outputs 2).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="auto: bf16 on CUDA, fp32 on CPU. On a CPU with AVX-512 BF16 or AMX, bf16 runs about 2x "
-                   "faster than fp32 (cosine to fp32 >= 0.9999 per cell, bench/RESULTS.md).")
+              help="auto: bf16 on CUDA; on a CPU with native bf16 (AVX-512 BF16, AMX) bf16 when the first cells "
+                   "keep per-cell cosine >= 0.999 to fp32, else fp32. bf16 on a CPU without it is emulated "
+                   "and slower than fp32. The choice and its reason go to uns['scfm']['embed'].")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Cells read from disk at a time (bounds memory).")
 @click.option("--min-coverage", type=fraction(), default=0.3, show_default=True,
@@ -64,6 +65,7 @@ def embed_command(input_path, output, checkpoint, vocab_path, output_type, pool,
                             batch_size=batch_size, device=device, precision=precision, chunk_size=chunk_size,
                             min_coverage=min_coverage, quiet=quiet, input_type=input_type)
         run.log_params({"resolved_device": result["device"], "resolved_precision": result["precision"],
+                        "precision_reason": result["precision_reason"],
                         "vocab_sha256": result["vocab_sha256"]})
         run.log_metrics({"n_cells": result["n_cells"], "seconds": result["seconds"],
                          "cells_per_s": result["cells_per_s"], "coverage": result.get("coverage")})

@@ -10,9 +10,12 @@ Filters run in this order; each one sees only what the previous ones kept:
 6. ``doublets``      cells that ``scanpy.pp.scrublet`` calls doublets (off unless set)
 
 QC columns (``n_genes_by_counts``, ``total_counts``, ``pct_counts_mt``, ``pct_counts_ribo``) are computed once on
-all input genes, before any filter. Large ``.h5ad`` inputs are streamed in row blocks in two passes (metrics and
-gene detection, then filtering and writing), so memory holds one block plus per-cell metrics; scrublet then runs
-on blocks of at least ``max(chunk_size, 10_000)`` kept cells rather than on the whole sample.
+all input genes, before any filter. Large ``.h5ad`` inputs are streamed in row blocks in two passes: the input is
+read once (metrics, cell filters applied on the fly, each gene's count over the passing cells) and the passing
+cells go to a temporary file next to the output; the gene filter then needs those counts, so a second, cheaper pass
+reads only the passing cells back, drops the rare genes and writes the output. Memory holds one block plus
+per-cell metrics; scrublet then runs on blocks of at least ``max(chunk_size, 10_000)`` kept cells rather than on
+the whole sample.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -73,18 +77,22 @@ def gene_groups(var_names: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cell_metrics(counts: sp.csr_matrix, mito: np.ndarray, ribo: np.ndarray, index=None) -> pd.DataFrame:
-    """scanpy's per-cell QC metrics for a block of cells (they depend on each cell's row only)."""
-    import scanpy as sc
+    """scanpy's per-cell QC metrics for a block of cells (they depend on each cell's row only).
 
-    block = ad.AnnData(X=counts, var=pd.DataFrame({"mt": mito, "ribo": ribo}, index=map(str, range(len(mito)))))
-    obs_metrics, _ = sc.pp.calculate_qc_metrics(
-        block, qc_vars=["mt", "ribo"], percent_top=None, log1p=False, inplace=False
-    )
-    metrics = obs_metrics[list(METRIC_COLUMNS)].copy()
-    metrics["n_genes_by_counts"] = metrics["n_genes_by_counts"].astype(np.int32)
-    metrics = metrics.astype({c: np.float32 for c in METRIC_COLUMNS[1:]}).fillna(0.0)
-    if index is not None:
-        metrics.index = index
+    The same numbers as ``scanpy.pp.calculate_qc_metrics`` (explicit zeros dropped in place, as it does;
+    the tests compare the two exactly) without its per-gene metrics, which QC does not use. Sums are
+    exact: counts are integers (QC refuses anything else).
+    """
+    counts.eliminate_zeros()
+    n_cells = counts.shape[0]
+    # float32 sums of integer counts are exact (below 2**24 per cell), whatever the order of the additions
+    totals = counts @ np.ones(counts.shape[1], dtype=np.float32)
+    metrics = pd.DataFrame({"n_genes_by_counts": np.diff(counts.indptr).astype(np.int32), "total_counts": totals},
+                           index=index if index is not None else pd.RangeIndex(n_cells).astype(str))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for column, genes in (("pct_counts_mt", mito), ("pct_counts_ribo", ribo)):
+            in_group = counts @ np.asarray(genes, dtype=np.float32)
+            metrics[column] = np.nan_to_num(in_group / totals * np.float32(100), nan=0.0).astype(np.float32)
     return metrics
 
 
@@ -439,70 +447,77 @@ def _run_streamed(input, h5ad_tmp, params, labels, layer, transpose, chunk_size,
     if transpose:
         raise ScfmError("transpose applies to csv/tsv inputs only", input)
     info = io.inspect_h5ad(input, layer=layer)
+    with tempfile.TemporaryDirectory(dir=Path(h5ad_tmp).parent, prefix=".scfm-qc-") as scratch:
+        passed_cells = Path(scratch) / "passed_cells.h5"
+        first = _stream_cell_filters(input, passed_cells, info, params, layer, chunk_size, quiet)
+        return _stream_gene_filter(input, passed_cells, h5ad_tmp, first, info, params, labels, chunk_size, quiet)
 
-    # pass 1: per-cell metrics and, over the cells that pass the cell filters, per-gene detection
+
+@dataclass
+class _FirstPass:
+    obs: pd.DataFrame  # every input cell
+    metrics: pd.DataFrame
+    removed_by: np.ndarray
+    n_cells_per_gene: np.ndarray  # over the cells that pass the cell filters
+    var: pd.DataFrame
+    mito: np.ndarray
+    ribo: np.ndarray
+
+
+def _stream_cell_filters(input, passed_cells: Path, info, params, layer, chunk_size, quiet) -> _FirstPass:
+    """Pass 1 over the input: per-cell metrics, cell filters, gene detection; passing cells (all genes) to disk."""
     metric_blocks, removed_blocks, obs_blocks = [], [], []
     n_cells_per_gene = np.zeros(info.n_vars, dtype=np.int64)
+    mito = ribo = None
+    writer = _CsrWriter(passed_cells, n_cols=info.n_vars)
     bar = progress(total=info.n_obs, desc=f"QC metrics {input.name}", unit="cells", quiet=quiet)
-    with bar:
+    with bar, contextlib.closing(writer):
         for obs, block, var in io.iter_chunks(input, chunk_size, layer=layer, require_counts=True):
-            mito, ribo = gene_groups(var.index)
+            if mito is None:  # every block has the same genes
+                mito, ribo = gene_groups(var.index)
             metrics = cell_metrics(block, mito, ribo, index=obs.index)
             removed = first_failed_cell_filter(metrics, params)
-            n_cells_per_gene += np.bincount(block[removed == ""].indices, minlength=info.n_vars)
+            passed = block if (removed == "").all() else block[removed == ""]
+            n_cells_per_gene += np.bincount(passed.indices, minlength=info.n_vars)
+            writer.append(passed)
             metric_blocks.append(metrics)
             removed_blocks.append(removed)
             obs_blocks.append(obs)
             bar.update(block.shape[0])
-    obs_all = pd.concat(obs_blocks)
-    sample, prefix = _sample_labels(obs_all, input, labels)
-    obs_all = _label_obs(obs_all, sample, prefix, labels)
-    metrics_all = pd.concat(metric_blocks)
+    return _FirstPass(obs=pd.concat(obs_blocks), metrics=pd.concat(metric_blocks),
+                      removed_by=np.concatenate(removed_blocks), n_cells_per_gene=n_cells_per_gene,
+                      var=var, mito=mito, ribo=ribo)
+
+
+def _stream_gene_filter(input, passed_cells: Path, h5ad_tmp, first: _FirstPass, info, params, labels, chunk_size,
+                        quiet):
+    """Pass 2, over the cells that passed only: drop rare genes, call doublets, write the output."""
+    sample, prefix = _sample_labels(first.obs, input, labels)
+    obs_all = _label_obs(first.obs, sample, prefix, labels)
+    metrics_all = first.metrics
     metrics_all.index = obs_all.index
-    removed_by = np.concatenate(removed_blocks)
-    kept_genes = _gene_mask(n_cells_per_gene, params)
+    removed_by = first.removed_by
+    kept_genes = _gene_mask(first.n_cells_per_gene, params)
     _refuse_empty(_summary_so_far(obs_all["sample"], removed_by, info.n_vars, kept_genes, params), input)
-    var_out = var[kept_genes].copy()
-    var_out["n_cells_by_counts"] = n_cells_per_gene[kept_genes].astype(np.int32)
-    var_out["mt"], var_out["ribo"] = mito[kept_genes], ribo[kept_genes]
+    var_out = first.var[kept_genes].copy()
+    var_out["n_cells_by_counts"] = first.n_cells_per_gene[kept_genes].astype(np.int32)
+    var_out["mt"], var_out["ribo"] = first.mito[kept_genes], first.ribo[kept_genes]
+    passed_rows = np.flatnonzero(removed_by == "")
+    passed_obs = obs_all.iloc[passed_rows].copy()
+    for column in METRIC_COLUMNS:
+        passed_obs[column] = metrics_all[column].to_numpy()[passed_rows]
 
-    # pass 2: filter and write; scrublet runs on buffers of >= flush_size kept cells
-    flush_size = max(chunk_size, DOUBLET_MIN_CELLS) if params.doublets else chunk_size
-    writer = _CsrWriter(h5ad_tmp, n_cols=int(kept_genes.sum()))
-    kept_obs, pending_obs, pending_rows = [], [], []
-    offset = 0
-
-    def flush(final: bool) -> None:
-        nonlocal pending_obs, pending_rows
-        while pending_rows and (final or sum(r.shape[0] for r in pending_rows) >= 2 * flush_size):
-            rows = sp.vstack(pending_rows, format="csr")
-            obs = pd.concat(pending_obs)
-            take = rows.shape[0] if final else flush_size
-            rows_now, obs_now = rows[:take], obs.iloc[:take].copy()
-            pending_rows = [rows[take:]] if take < rows.shape[0] else []
-            pending_obs = [obs.iloc[take:]] if take < rows.shape[0] else []
-            if params.doublets:
-                scores, calls = detect_doublets(rows_now, params.seed, input)
-                obs_now["doublet_score"], obs_now["predicted_doublet"] = scores, calls
-                removed_by[obs_all.index.get_indexer(obs_now.index[calls])] = "doublets"
-                rows_now, obs_now = rows_now[~calls], obs_now[~calls]
-            writer.append(rows_now)
-            kept_obs.append(obs_now)
-
-    bar = progress(total=info.n_obs, desc=f"QC filter {input.name}", unit="cells", quiet=quiet)
-    with bar, contextlib.closing(writer):
-        for _, block, _ in io.iter_chunks(input, chunk_size, layer=layer, require_counts=True):
-            stop = offset + block.shape[0]
-            keep = removed_by[offset:stop] == ""
-            obs = obs_all.iloc[offset:stop][keep].copy()
-            for column in METRIC_COLUMNS:
-                obs[column] = metrics_all[column].to_numpy()[offset:stop][keep]
-            pending_rows.append(block[keep][:, kept_genes])
-            pending_obs.append(obs)
-            flush(final=False)
-            offset = stop
-            bar.update(block.shape[0])
-        flush(final=True)
+    if kept_genes.all() and not params.doublets:
+        # nothing left to drop: the passing cells on disk already are the output matrix
+        os.replace(passed_cells, h5ad_tmp)
+        writer = _CsrWriter.reopen(h5ad_tmp)
+        kept_obs = [passed_obs]
+    else:
+        writer = _CsrWriter(h5ad_tmp, n_cols=int(kept_genes.sum()))
+        with _closing_on_error(writer):
+            kept_obs = _write_kept_genes(input, passed_cells, writer, passed_obs, obs_all, removed_by, kept_genes,
+                                         params, chunk_size, quiet)
+    with contextlib.closing(writer):
         summary = build_summary(sample_of_cell=obs_all["sample"].astype(str).to_numpy(), removed_by=removed_by,
                                 n_genes_in=info.n_vars, genes_removed=int(np.sum(~kept_genes)), params=params)
         _refuse_empty(summary["filters"], input)
@@ -513,6 +528,80 @@ def _run_streamed(input, h5ad_tmp, params, labels, layer, transpose, chunk_size,
             summary["doublet_rate"] = float(np.sum(removed_by == "doublets") / max(1, n_tested))
         writer.finish(obs=passed_obs, var=var_out)
     return summary, metrics_all, passed_obs[list(METRIC_COLUMNS)]
+
+
+@contextlib.contextmanager
+def _closing_on_error(writer):
+    try:
+        yield
+    except BaseException:
+        writer.close()
+        raise
+
+
+def _write_kept_genes(input, passed_cells, writer, passed_obs, obs_all, removed_by, kept_genes, params, chunk_size,
+                      quiet) -> list[pd.DataFrame]:
+    """Read the passing cells back, keep the genes that passed, call doublets; → obs of the cells written."""
+    flush_size = max(chunk_size, DOUBLET_MIN_CELLS)  # scrublet runs on buffers of >= flush_size kept cells
+    kept_obs, pending_obs, pending_rows = [], [], []
+
+    def flush(final: bool) -> None:
+        nonlocal pending_obs, pending_rows
+        while pending_rows and (final or sum(r.shape[0] for r in pending_rows) >= 2 * flush_size):
+            rows = sp.vstack(pending_rows, format="csr")
+            obs = pd.concat(pending_obs)
+            take = rows.shape[0] if final else flush_size
+            rows_now, obs_now = rows[:take], obs.iloc[:take].copy()
+            pending_rows = [rows[take:]] if take < rows.shape[0] else []
+            pending_obs = [obs.iloc[take:]] if take < rows.shape[0] else []
+            scores, calls = detect_doublets(rows_now, params.seed, input)
+            obs_now["doublet_score"], obs_now["predicted_doublet"] = scores, calls
+            removed_by[obs_all.index.get_indexer(obs_now.index[calls])] = "doublets"
+            writer.append(rows_now[~calls])
+            kept_obs.append(obs_now[~calls])
+
+    bar = progress(total=len(passed_obs), desc=f"QC genes {input.name}", unit="cells", quiet=quiet)
+    with bar:
+        offset = 0
+        for block in _read_csr_blocks(passed_cells, chunk_size):
+            rows, obs = _keep_columns(block, kept_genes), passed_obs.iloc[offset:offset + block.shape[0]]
+            if params.doublets:
+                pending_rows.append(rows)
+                pending_obs.append(obs)
+                flush(final=False)
+            else:
+                writer.append(rows)
+                kept_obs.append(obs)
+            offset += block.shape[0]
+            bar.update(block.shape[0])
+        flush(final=True)
+    return kept_obs
+
+
+def _read_csr_blocks(path: Path, chunk_size: int) -> Iterator[sp.csr_matrix]:
+    """Row blocks of a matrix that :class:`_CsrWriter` wrote (already checked counts: no validation again)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        group = f["X"]
+        indptr = group["indptr"][:]
+        n_rows, n_cols = len(indptr) - 1, int(group.attrs["n_cols"])
+        for start in range(0, n_rows, chunk_size):
+            stop = min(start + chunk_size, n_rows)
+            lo, hi = int(indptr[start]), int(indptr[stop])
+            yield sp.csr_matrix((group["data"][lo:hi], group["indices"][lo:hi], indptr[start:stop + 1] - lo),
+                                shape=(stop - start, n_cols))
+
+
+def _keep_columns(block: sp.csr_matrix, kept: np.ndarray) -> sp.csr_matrix:
+    """``block[:, kept]`` for a boolean mask, in one vectorised pass (column order and sortedness kept)."""
+    if kept.all():
+        return block
+    new_index = np.cumsum(kept, dtype=np.int64) - 1
+    keep = kept[block.indices]
+    indptr = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])[block.indptr]
+    return sp.csr_matrix((block.data[keep], new_index[block.indices[keep]].astype(np.int32), indptr),
+                         shape=(block.shape[0], int(kept.sum())))
 
 
 class _CsrWriter:
@@ -529,7 +618,21 @@ class _CsrWriter:
         self.data = group.create_dataset("data", shape=(0,), dtype=np.float32, **opts)
         self.indices = group.create_dataset("indices", shape=(0,), dtype=np.int32, **opts)
         self.indptr = group.create_dataset("indptr", shape=(1,), dtype=np.int64, data=[0], **opts)
+        group.attrs["n_cols"] = n_cols  # read back by _read_csr_blocks before finish() sets the shape
         self.group = group
+
+    @classmethod
+    def reopen(cls, path: Path) -> "_CsrWriter":
+        """A writer on a matrix written earlier (e.g. moved into place), to finish it."""
+        import h5py
+
+        writer = cls.__new__(cls)
+        writer.file = h5py.File(path, "r+")
+        writer.group = writer.file["X"]
+        writer.data, writer.indices, writer.indptr = (writer.group[k] for k in ("data", "indices", "indptr"))
+        writer.n_cols = int(writer.group.attrs["n_cols"])
+        writer.n_rows, writer.nnz = len(writer.indptr) - 1, len(writer.data)
+        return writer
 
     def append(self, rows: sp.csr_matrix) -> None:
         rows = sp.csr_matrix(rows, dtype=np.float32)

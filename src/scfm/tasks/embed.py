@@ -15,7 +15,9 @@ an ``.h5ad`` matrix read from disk block by block). Cells are processed ``chunk_
 inside a chunk they are sorted by number of nonzero genes and batched, so padding costs little, and
 the results are written back in input order (into ``out`` when given: an array, memmap or HDF5
 dataset, so that memory does not grow with the number of cells). No dense cells x genes table is
-built for the encoder. Precision ``auto`` is bf16 autocast on CUDA and fp32 on CPU.
+built for the encoder. Precision ``auto`` is bf16 autocast on CUDA; on a CPU it is bf16 only where
+the CPU has native bf16 and a check on the input's first cells keeps every per-cell cosine to fp32 at
+or above 0.999, fp32 otherwise (:mod:`scfm.model.precision`; :func:`decide_precision` says which and why).
 """
 
 from __future__ import annotations
@@ -34,12 +36,17 @@ import torch
 from scfm.errors import ScfmError, ScfmUsageError
 from scfm.model import inputs as model_inputs
 from scfm.model.checkpoint import checkpoint_sha256  # noqa: F401  (part of this module's interface)
+from scfm.model.precision import (PrecisionChoice, announce, choose_precision, cpu_native_bf16,
+                                  min_row_cosine)
 from scfm.model.xtrimogene import POOLS, XTrimoGene
 
 OUTPUT_TYPES = ("cell", "gene", "gene-expression")
-PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 BULK_TARGET_DEPTH = "T=S"  # recorded for bulk input, whose T token is its S token (no target depth)
+# cells the bf16 check runs in both precisions: enough to catch a model that bf16 spoils, cheap next to
+# any real input (the decoder outputs cover every gene, so fewer cells there)
+PROBE_CELLS = {"cell": 16, "expression": 4, "genes": 2}
+_PASS_OF_OUTPUT = {"cell": "cell", "gene-expression": "expression", "gene": "genes"}
 
 
 def _unwrap(model) -> XTrimoGene:
@@ -57,11 +64,36 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in PRECISIONS:
-        raise ScfmError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
+    """The precision without measuring the model: ``auto`` is bf16 on CUDA, fp32 on a CPU."""
+    return choose_precision(precision, device.type, native_bf16=cpu_native_bf16).precision
+
+
+def decide_precision(model, counts, precision: str = "auto", device: str = "auto", *, output: str = "cell",
+                     pool: str = "all", totals=None, target_depth: str = "t4", pre_normalized: str = "F",
+                     input_type: str = "singlecell", native_bf16=cpu_native_bf16) -> PrecisionChoice:
+    """The precision a pass over ``counts`` runs in, and why; ``output``: cell | expression | genes.
+
+    On a CPU with native bf16 (``native_bf16()``), ``auto`` runs the first few cells in fp32 and in bf16
+    and keeps bf16 when every per-cell cosine reaches 0.999. An explicit ``bf16`` on a CPU without
+    native bf16 prints a one-line warning.
+    """
+    dev = resolve_device(device)
+
+    def measured_cosine() -> float:
+        n = min(PROBE_CELLS[output], counts.shape[0])
+        if n == 0:
+            return 1.0  # nothing to run, nothing to lose
+        sample = _row_block(counts, 0, n)
+        common = dict(totals=None if totals is None else np.asarray(totals)[:n], target_depth=target_depth,
+                      pre_normalized=pre_normalized, input_type=input_type, device=str(dev), batch_size=n)
+        if output == "cell":
+            runs = [embed_cells(model, sample, pool=pool, precision=p, **common) for p in ("fp32", "bf16")]
+        else:
+            runs = [_decoder_pass(model, sample, output, precision=p, progress=None, chunk_size=n, out=None, **common)
+                    for p in ("fp32", "bf16")]
+        return min_row_cosine(*runs)
+
+    return announce(choose_precision(precision, dev.type, native_bf16=native_bf16, bf16_cosine=measured_cosine))
 
 
 def _autocast(device: torch.device, precision: str):
@@ -128,14 +160,19 @@ def embed_cells(
         raise ScfmError(f"unknown pool {pool!r} (choose from {', '.join(POOLS)})")
     model_inputs.parse_target_depth(target_depth)
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
     n_cells, n_genes = counts.shape
     _check_width(n_genes, net.config.n_genes)
+    prec = decide_precision(net, counts, precision, str(dev), output="cell", pool=pool, totals=totals,
+                            target_depth=target_depth, pre_normalized=pre_normalized,
+                            input_type=input_type).precision
     dim = net.config.encoder_dim * (4 if pool == "all" else 1)
     target_sum = bulk_target_sum(counts, input_type, pre_normalized, chunk_size)
     if out is None:
         out = np.empty((n_cells, dim), dtype=np.float32)
     max_tokens = max_tokens or batch_size * 2048
+    # fp32 on a CPU measured faster computing only real tokens, bf16 there and CUDA faster with one padded
+    # batched kernel (bench/RESULTS.md)
+    encode = net.encode_packed if dev.type == "cpu" and prec == "fp32" else net.encode
     was_training = net.training
     net.eval().to(dev)
     try:
@@ -149,7 +186,7 @@ def embed_cells(
                 pending = None
                 for rows in model_inputs.length_buckets(n_tokens, batch_size, max_tokens):
                     enc = model_inputs.encoder_inputs_from_csr(normalised, target, source, net.config, rows).to(dev)
-                    encoded = net.encode(enc.values, enc.gene_ids, enc.padding_mask)
+                    encoded = encode(enc.values, enc.gene_ids, enc.padding_mask)
                     # on a GPU the kernels above are only queued: collect the previous batch now, so the
                     # host prepares the next batch while the device still works on this one
                     _collect(pending, result, progress)
@@ -200,10 +237,11 @@ def decoder_batches(model, counts, *, output: str = "genes", totals=None, target
     net = _unwrap(model)
     model_inputs.parse_target_depth(target_depth)
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
     n_cells, n_genes = counts.shape
     cfg = net.config
     _check_width(n_genes, cfg.n_genes)
+    prec = decide_precision(net, counts, precision, str(dev), output=output, totals=totals,
+                            target_depth=target_depth, pre_normalized=pre_normalized, input_type=input_type).precision
     target_sum = bulk_target_sum(counts, input_type, pre_normalized, chunk_size)
     was_training = net.training
     net.eval().to(dev)
@@ -451,7 +489,7 @@ def embed_file(
     except ScfmError as exc:
         raise ScfmUsageError(exc.message) from exc
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
+    resolve_precision(precision, dev)  # refuse an unknown precision before any work
     if batch_size is None:
         batch_size = default_batch_size(output_type, dev)
 
@@ -463,7 +501,7 @@ def embed_file(
         "output_type": output_type, "pool": pool, "input_type": input_type,
         "target_depth": target_depth if input_type == "singlecell" else BULK_TARGET_DEPTH,
         "pre_normalized": pre_normalized,
-        "batch_size": batch_size, "device": str(dev), "precision": prec, "chunk_size": chunk_size,
+        "batch_size": batch_size, "device": str(dev), "chunk_size": chunk_size,
         "vocab_sha256": vocab_obj.sha256, "n_genes": len(vocab_obj), "scfm_version": __version__,
         "model": loaded.config.to_dict(),
     }
@@ -493,6 +531,11 @@ def embed_file(
                             check="counts" if requires_counts(pre_normalized, input_type) else "values")
             n_cells = rows.shape[0]
             totals = _obs_totals(handle, input_path) if pre_normalized == "A" else None
+            choice = decide_precision(net, rows, precision, str(dev), output=_PASS_OF_OUTPUT[output_type], pool=pool,
+                                      totals=totals, target_depth=target_depth, pre_normalized=pre_normalized,
+                                      input_type=input_type)
+            prec = choice.precision
+            settings.update(choice.as_params())
             if output_type == "cell":
                 shape = (n_cells, net.config.encoder_dim * (4 if pool == "all" else 1))
             elif output_type == "gene-expression":

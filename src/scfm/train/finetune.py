@@ -31,6 +31,7 @@ Classifier directory = checkpoint files (``config.json``, ``model.safetensors``,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Sequence
@@ -77,6 +78,7 @@ class FinetuneSettings:
     val_size: float = 0.1
     pool: str = "all"
     min_cells_per_class: int = 5
+    precision: str = "auto"  # auto | fp32 | bf16 for the encoder on a CPU (see scfm.model.precision)
     seed: int = 0
     quiet: bool = False
     mlflow_uri: str | None = None
@@ -104,6 +106,8 @@ class FinetuneSettings:
             raise ScfmUsageError("--lr must be positive")
         if self.pool not in ("all", "max"):
             raise ScfmUsageError("--pool must be all or max")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ScfmUsageError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
 
 
 # ------------------------------------------------------------------------------------------ the head
@@ -324,13 +328,14 @@ def log_normalised(counts: sp.csr_matrix) -> sp.csr_matrix:
 
 
 class EncoderFeatures:
-    """Cell embeddings of rows of a count matrix, with or without gradients."""
+    """Cell embeddings of rows of a count matrix, with or without gradients (``bf16``: autocast on the CPU)."""
 
-    def __init__(self, model, counts: sp.csr_matrix, pool: str):
+    def __init__(self, model, counts: sp.csr_matrix, pool: str, bf16: bool = False):
         from scfm.model.inputs import depth_tokens, normalize_counts
 
         self.model = model
         self.pool = pool
+        self.bf16 = bf16
         self.normalised, totals = normalize_counts(counts, pre_normalized=PRE_NORMALIZED)
         self.target, self.source = depth_tokens(totals, TARGET_DEPTH)
 
@@ -339,12 +344,31 @@ class EncoderFeatures:
 
         net = self.model
         enc = encoder_inputs_from_csr(self.normalised, self.target, self.source, net.config, rows)
-        encoded = net.encode(enc.values, enc.gene_ids, enc.padding_mask)
-        return net.cell_embedding(encoded, enc, self.pool)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with autocast:
+            encoded = net.encode(enc.values, enc.gene_ids, enc.padding_mask)
+            return net.cell_embedding(encoded, enc, self.pool).float()
 
     @torch.no_grad()
     def all(self, rows: np.ndarray, batch_size: int = 128) -> torch.Tensor:
         return torch.cat([self(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)])
+
+    def bf16_cosine(self, n_cells: int = 16) -> float:
+        """Worst per-cell cosine between the bf16 and fp32 embeddings of the first cells (eval mode)."""
+        from scfm.model.precision import min_row_cosine
+
+        rows = np.arange(min(n_cells, self.normalised.shape[0]))
+        was_training, was_bf16 = self.model.training, self.bf16
+        self.model.eval()
+        try:
+            self.bf16 = False
+            fp32 = self.all(rows).numpy()
+            self.bf16 = True
+            bf16 = self.all(rows).numpy()
+        finally:
+            self.model.train(was_training)
+            self.bf16 = was_bf16
+        return min_row_cosine(fp32, bf16)
 
 
 def unfreeze_last_layers(model, k: int) -> list[nn.Parameter]:
@@ -490,6 +514,7 @@ def finetune(settings: FinetuneSettings) -> dict:
     from scfm import tracking
     from scfm.model.checkpoint import (WEIGHTS_FILE, checkpoint_sha256, file_sha256, load_checkpoint,
                                        save_checkpoint)
+    from scfm.model.precision import announce, choose_precision, cpu_native_bf16
     from scfm.utils import seed_everything
 
     settings.validate()
@@ -504,13 +529,18 @@ def finetune(settings: FinetuneSettings) -> dict:
     y = np.searchsorted(np.asarray(classes), cells.labels)
     split = stratified_split(cells.labels, settings.test_size, settings.val_size, settings.seed)
 
+    features = EncoderFeatures(model, cells.counts, settings.pool)
+    precision = announce(choose_precision(settings.precision, "cpu", native_bf16=cpu_native_bf16,
+                                          bf16_cosine=features.bf16_cosine))
+    features.bf16 = precision.precision == "bf16"
+
     out_dir = Path(settings.out_dir)
     uri = tracking.resolve_uri(settings.mlflow_uri, out_dir.parent)
-    params = {**dataclasses.asdict(settings), "input_path": settings.input_paths, "n_cells": len(y),
+    params = {**dataclasses.asdict(settings), "resolved_precision": precision.precision,
+              "precision_reason": precision.reason, "input_path": settings.input_paths, "n_cells": len(y),
               "n_inputs": len(settings.input_paths), "n_classes": len(classes),
               "checkpoint_source": loaded.source, "model": loaded.config.to_dict()}
     with tracking.step_run("finetune", uri=uri, params=params) as run:
-        features = EncoderFeatures(model, cells.counts, settings.pool)
         head, best, history = train_head(settings, model, features, y, split, len(classes), run)
         test_rows = np.flatnonzero(split == "test")
         with torch.no_grad():
@@ -521,6 +551,8 @@ def finetune(settings: FinetuneSettings) -> dict:
             "test": test,
             "baseline": baseline,
             "best_epoch": best["epoch"],
+            "precision": precision.precision,
+            "precision_reason": precision.reason,
             "val_macro_f1": best["val_macro_f1"],
             "epochs_run": len(history),
             "classes": {c: int((cells.labels == c).sum()) for c in classes},

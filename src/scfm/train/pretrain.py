@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import shutil
 import signal
@@ -116,6 +117,7 @@ class PretrainSettings:
     overwrite: bool = False  # with resume="never": delete an earlier run's checkpoints and start over
     mix_row_groups: int = 256
     row_group_slices: int = 4
+    precision: str = "auto"  # auto | fp32 | bf16 (see scfm.model.precision)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     seed: int = 0
     quiet: bool = False
@@ -143,6 +145,8 @@ class PretrainSettings:
             raise ScfmUsageError("--performer-redraw-interval must not be negative (0: never redraw)")
         if self.mix_row_groups < 1 or self.row_group_slices < 1:
             raise ScfmUsageError("--mix-row-groups and --row-group-slices must be at least 1")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ScfmUsageError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.vocab is None and self.init_checkpoint is None:
             raise ScfmUsageError("give --vocab (the vocabulary the shards were aligned to) or --init-checkpoint")
 
@@ -172,13 +176,50 @@ class PretrainSettings:
 # ---------------------------------------------------------------------------------- model inputs
 
 
-def pretraining_loss(model, batch: Batch, dtype: torch.dtype, device) -> torch.Tensor:
-    """Masked MSE of the model's predictions at the scored positions against the original profile."""
+def pretraining_loss(model, batch: Batch, dtype: torch.dtype, device, cpu_bf16: bool = False) -> torch.Tensor:
+    """Masked MSE of the model's predictions at the scored positions against the original profile.
+
+    ``dtype`` is the weights' dtype (bf16 under DeepSpeed's bf16 on CUDA); ``cpu_bf16`` runs the forward
+    under bf16 autocast on a CPU, the weights and optimizer staying fp32.
+    """
     inputs = batch.inputs.to(device)
     if dtype != torch.float32:
         inputs = _cast_floats(inputs, dtype)
-    prediction = model(inputs, batch.positions.to(device)).float()
+    with _cpu_autocast(cpu_bf16):
+        prediction = model(inputs, batch.positions.to(device)).float()
     return masked_mse(prediction, batch.targets.to(device))
+
+
+def _cpu_autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def bf16_prediction_cosine(model, batch: Batch, device) -> float:
+    """Worst per-cell cosine between the fp32 and the CPU-bf16 predictions of one batch (no update)."""
+    from scfm.model.precision import min_row_cosine
+
+    inputs = batch.inputs.to(device)  # every position of every cell: rows are cells
+    was_training = model.training
+    model.eval()  # no dropout: the two passes differ only by precision
+    try:
+        with torch.no_grad():
+            fp32 = model(inputs).float()
+            with _cpu_autocast(True):
+                bf16 = model(inputs).float()
+    finally:
+        model.train(was_training)
+    return min_row_cosine(fp32.cpu().numpy(), bf16.cpu().numpy())
+
+
+def training_precision(requested: str, device_type: str, deepspeed_bf16: bool, bf16_cosine):
+    """The precision of a training run: DeepSpeed's bf16 on CUDA, bf16 autocast on a CPU that has it."""
+    from scfm.model.precision import PrecisionChoice, announce, choose_precision, cpu_native_bf16
+
+    if device_type == "cuda":
+        precision = "bf16" if deepspeed_bf16 else "fp32"
+        how = "DeepSpeed bf16" if deepspeed_bf16 else "fp32"
+        return PrecisionChoice(precision, f"{requested} on CUDA: {how}")
+    return announce(choose_precision(requested, device_type, native_bf16=cpu_native_bf16, bf16_cosine=bf16_cosine))
 
 
 def model_config(model):
@@ -516,6 +557,15 @@ def _all_reduce_mean(value: float, world_size: int) -> float:
     return float(tensor.item() / world_size)
 
 
+def _all_reduce_min(value: float, world_size: int) -> float:
+    """Every rank takes the same precision decision: the worst cosine any rank measured."""
+    if world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
+    return float(tensor.item())
+
+
 def write_preempted_marker(out_dir: Path, step: int, tag: str, reason: str) -> None:
     with atomic_output(out_dir / PREEMPTED_MARKER) as tmp:
         tmp.write_text(json.dumps({"step": step, "checkpoint": tag, "signal": reason}) + "\n")
@@ -538,6 +588,7 @@ def pretrain(settings: PretrainSettings) -> dict:
         micro_batch_size=settings.micro_batch_size,
         grad_accum=settings.grad_accum,
         gradient_clipping=settings.gradient_clipping,
+        bf16=None if settings.precision == "auto" else settings.precision == "bf16",
     )
     launch = detect_launch_env()  # the layout only: refusals below come before any process group
     math = math_settings(settings, config, vocab, launch.world_size, ds_config["zero_optimization"]["stage"])
@@ -582,8 +633,23 @@ def pretrain(settings: PretrainSettings) -> dict:
     log_path = out_dir / TRAIN_LOG
     history = read_train_log(log_path, up_to_step=step) if resuming else []
 
+    # the bf16 check on a CPU runs on the first micro-batch, which is then trained on as usual
+    stream = iter(dataset)
+    first_cells = next_cells(stream, settings.micro_batch_size)
+    stream = itertools.chain(first_cells, stream)
+
+    def first_batch_cosine() -> float:
+        batch = make_batch(first_cells, config.n_genes, settings.objective,
+                           step_generator(settings.seed, micro_step, rank), config)
+        return _all_reduce_min(bf16_prediction_cosine(engine, batch, engine.device), world_size)
+
+    precision = training_precision(settings.precision, torch.device(engine.device).type, ds_config["bf16"]["enabled"],
+                                   first_batch_cosine)
+    cpu_bf16 = torch.device(engine.device).type != "cuda" and precision.precision == "bf16"
+
     params = {
-        **settings.to_params(), "world_size": world_size, "launcher": launch.launcher, "deepspeed": ds_config,
+        **settings.to_params(), "resolved_precision": precision.precision, "precision_reason": precision.reason,
+        "world_size": world_size, "launcher": launch.launcher, "deepspeed": ds_config,
         "model": config.to_dict(), "n_parameters": sum(p.numel() for p in model.parameters()),
         "resumed_from_step": step if resuming else None, "recipe": recipe,
     }
@@ -593,7 +659,6 @@ def pretrain(settings: PretrainSettings) -> dict:
         run.log_dict(ds_config, "deepspeed_config.json")
         run.log_dict({"model": config.to_dict()}, "model_config.json")
         run.log_dict(recipe, "recipe.json")
-        stream = iter(dataset)
         bar = progress(total=settings.max_steps, desc="pretrain", unit="step",
                        quiet=settings.quiet or not launch.is_main)
         bar.update(step)
@@ -607,7 +672,7 @@ def pretrain(settings: PretrainSettings) -> dict:
                 batch = make_batch(cells, config.n_genes, settings.objective,
                                    step_generator(settings.seed, micro_step, rank), config)
                 redraw.before_micro_step(engine.module, micro_step)
-                loss = pretraining_loss(engine, batch, dtype, engine.device)
+                loss = pretraining_loss(engine, batch, dtype, engine.device, cpu_bf16)
                 engine.backward(loss)
                 engine.step()
                 micro_losses.append(float(loss.item()))
@@ -643,6 +708,7 @@ def pretrain(settings: PretrainSettings) -> dict:
         bar.close()
 
         metrics = _final_metrics(history, settings, world_size)
+        metrics.update(precision=precision.precision, precision_reason=precision.reason)
         torch.distributed.barrier()
         if launch.is_main:
             tag = latest_tag(checkpoint_dir)
