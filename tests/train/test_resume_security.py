@@ -111,3 +111,25 @@ def test_honest_checkpoints_resume_exactly(train_data, tmp_path, stage):
     first, second = (load_file(str(run / "model" / "model.safetensors")) for run in (full, part))
     for key in first:
         torch.testing.assert_close(first[key], second[key], rtol=1e-6, atol=1e-7)
+
+
+def test_a_zero_stage_saved_by_a_python_that_pickles_enums_by_name_loads_weights_only(tmp_path):
+    """Python 3.11.2 (Debian 12) pickles enum members as getattr(cls, name), which the weights-only loader
+    refuses; scfm makes the ZeRO stage pickle by value before it saves, so such a checkpoint still loads."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from scfm.train.safe_load import pickle_enums_by_value, refuse_unsafe_files, weights_only_loads
+
+    before = ZeroStageEnum.__dict__.get("__reduce_ex__")
+    ZeroStageEnum.__reduce_ex__ = lambda member, _protocol: (getattr, (member.__class__, member._name_))
+    try:
+        pickle_enums_by_value()
+        torch.save({"zero_stage": ZeroStageEnum.optimizer_states}, tmp_path / "optim_states.pt")
+    finally:
+        if before is None:
+            del ZeroStageEnum.__reduce_ex__
+        else:
+            ZeroStageEnum.__reduce_ex__ = before
+    refuse_unsafe_files(tmp_path)
+    with weights_only_loads(tmp_path):
+        assert torch.load(tmp_path / "optim_states.pt")["zero_stage"] is ZeroStageEnum.optimizer_states

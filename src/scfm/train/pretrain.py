@@ -68,7 +68,7 @@ import torch
 
 from scfm.errors import ScfmError, ScfmUsageError
 from scfm.train.objective import Batch, ObjectiveConfig, make_batch, masked_mse, step_generator
-from scfm.train.safe_load import refuse_unsafe_files, weights_only_loads
+from scfm.train.safe_load import pickle_enums_by_value, refuse_unsafe_files, weights_only_loads
 from scfm.utils import atomic_output, progress
 
 CHECKPOINTS = "checkpoints"
@@ -600,6 +600,7 @@ def pretrain(settings: PretrainSettings) -> dict:
     torch.manual_seed(settings.seed + rank)
     model = build_model(config, initial, settings.seed, settings.init)
     decay_steps = settings.lr_decay_steps or settings.max_steps
+    pickle_enums_by_value()
     engine = initialize_engine(
         model, ds_config, lr=settings.lr, weight_decay=settings.weight_decay, betas=tuple(settings.adam_betas),
         eps=settings.adam_eps, warmup_steps=settings.warmup_steps, max_steps=decay_steps,

@@ -64,6 +64,22 @@ def refuse_unsafe_files(directory: Path) -> None:
                                 f"--resume never --overwrite", path)
 
 
+def pickle_enums_by_value() -> None:
+    """Make DeepSpeed's ZeRO stage enum pickle as ``ZeroStageEnum(value)``, before any checkpoint is saved.
+
+    Some Pythons (3.11.2, Debian 12's) pickle an enum member as ``getattr(ZeroStageEnum, name)``; the
+    weights-only loader rightly refuses ``getattr`` (it can reach anything), so a checkpoint saved there
+    could never be resumed or exported to a model. By value, every Python writes and reads it alike.
+    """
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    ZeroStageEnum.__reduce_ex__ = _enum_by_value
+
+
+def _enum_by_value(member, _protocol):
+    return member.__class__, (member._value_,)
+
+
 @contextlib.contextmanager
 def weights_only_loads(where: Path | None = None) -> Iterator[None]:
     """Every ``torch.load`` inside uses the weights-only unpickler, whatever its caller asked for;
