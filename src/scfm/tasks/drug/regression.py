@@ -25,7 +25,6 @@ a drug not seen in training): on GDSC most of the overall Pearson correlation co
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from scfm.errors import ScfmError
 from scfm.tasks.drug.data import CellTable, reorder_genes
 from scfm.tasks.drug.fingerprints import Fingerprints
 from scfm.tasks.drug.modeldir import read_model_dir, write_model_dir
+from scfm.utils import one_torch_thread
 
 SPLIT_UNITS = ("cell_line", "drug", "pair")
 MODEL_KIND = "scfm-drug-regressor"
@@ -225,18 +225,6 @@ def load_drug_model(directory) -> DrugModel:
 
 
 # ------------------------------------------------------------------------------------- training
-@contextlib.contextmanager
-def one_thread():
-    """These networks are small: on a CPU, handing each tiny matrix product to several threads costs more
-    than the product (8x slower on a busy 2-core machine), so training runs on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _fit_feature_transform(cells: CellTable, train_rows: np.ndarray, representation: str, settings: RegressorSettings):
     """PCA (if asked) and standardisation, both from the training cell lines only."""
     values = cells.values
@@ -283,7 +271,7 @@ def fit_drug_model(cells: CellTable, pairs: pd.DataFrame, fingerprints: Fingerpr
                       pca_components, cells.embed_settings if representation == "scfm" else {},
                       dict(fingerprint_params or {}))
     features = model.features(cells)
-    with one_thread():
+    with one_torch_thread():
         history = _train_loop(model, features, fingerprints.bits, cell_idx, drug_idx, y, train, val, settings, rng,
                               progress, log_epoch)
     predicted = model.predict_pairs(features, fingerprints.bits, cell_idx, drug_idx)

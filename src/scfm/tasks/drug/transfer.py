@@ -130,9 +130,9 @@ def domain_separability(source: np.ndarray, target: np.ndarray, seed: int) -> fl
 def train_sensitivity(source: np.ndarray, labels: np.ndarray, target: np.ndarray, settings: TransferSettings,
                       ) -> tuple[SensitivityNet, dict]:
     """One drug: standardised source rows with 0/1 labels, standardised target rows -> network and metrics."""
-    from scfm.tasks.drug.regression import one_thread
+    from scfm.utils import one_torch_thread
 
-    with one_thread():
+    with one_torch_thread():
         return _train_sensitivity(source, labels, target, settings)
 
 

@@ -20,13 +20,14 @@ LayerNorm stands in for GEARS' BatchNorm so that a prediction does not depend on
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from scfm.utils import one_torch_thread
 
 
 @dataclass(frozen=True)
@@ -130,19 +131,6 @@ class PerturbNet(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ training
-@contextlib.contextmanager
-def single_thread():
-    """The network's tensors are small (genes x 64): splitting each op over threads costs more than it
-    saves, and on a busy machine every op waits for the slowest thread (60x slower measured on 2 shared
-    cores). One intra-op thread, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def loss_fn(predicted: torch.Tensor, observed: torch.Tensor, direction_weight: float) -> torch.Tensor:
     """MSE plus a direction penalty: relu(-predicted x observed) is zero when the signs agree and grows
     with how far a prediction sits on the wrong side (GEARS adds a sign-agreement term too)."""
@@ -177,7 +165,7 @@ def fit(net: PerturbNet, perturbations: list[list[int]], targets: np.ndarray, se
     optimiser = torch.optim.Adam(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     observed = torch.as_tensor(targets, dtype=torch.float32)
     net.train()
-    with single_thread():
+    with one_torch_thread():
         losses = _epochs(net, optimiser, perturbations, observed, settings, generator, rng, progress)
     net.eval()
     return losses
@@ -206,5 +194,5 @@ def _epochs(net, optimiser, perturbations, observed, settings, generator, rng, p
 
 def predict(net: PerturbNet, perturbations: list[list[int]]) -> np.ndarray:
     net.eval()
-    with torch.no_grad(), single_thread():
+    with torch.no_grad(), one_torch_thread():
         return net(perturbations).numpy().astype(np.float64)
