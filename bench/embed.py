@@ -15,6 +15,10 @@ Sections
               alone would allow (FLOPs per cell / peak): no implementation of this model can beat it.
               On CUDA, MFU = model FLOP/s / the device's nominal dense peak (``--peak-tflops``; known for
               H100 and H200), and peak memory is ``torch.cuda.max_memory_allocated``.
+- file:       ``scfm embed`` (the command users run, in its own process) on an aligned ``.h5ad`` you give
+              (``--input``, with its vocabulary ``--input-vocab``), e.g. the million cells that
+              ``bench/qc_align.py --cells 1000000 --keep`` leaves: wall time, cells/s, peak RSS (wait4 on
+              the child), tokens per cell, the precision ``auto`` chose. Weights: random, ``--file-preset``.
 - memory:     peak RSS embedding 10k vs 100k cells, streamed from an .h5ad on disk into a memmap, to
               show memory is flat in the number of cells. The model is ``micro`` (``tiny`` with one
               32-d encoder layer) so that 100k cells fit in a few minutes on 2 cores; the model's
@@ -201,6 +205,10 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float,
                         help="the device's nominal dense bf16 peak, for MFU (default: known for H100/H200/A100)")
     parser.add_argument("--json", type=Path, help="write all results here")
+    parser.add_argument("--input", type=Path, help="file section: an aligned .h5ad to embed with scfm embed")
+    parser.add_argument("--input-vocab", type=Path, help="file section: the vocabulary --input is aligned to")
+    parser.add_argument("--file-preset", default="tiny", choices=["tiny", "small", "base-100m"])
+    parser.add_argument("--file-precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--worker", choices=["throughput", "memory"], help=argparse.SUPPRESS)
     for hidden in ("checkpoint", "vocab", "precision", "mode", "save", "h5ad"):
         parser.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
@@ -285,9 +293,49 @@ def main() -> None:
             results["memory_note"] = ("a dense float64 cells x 19,264 table, as the released script builds, would "
                                       f"need {max(sizes) * N_GENES * 8 / 2**30:.1f} GiB for {max(sizes)} cells")
 
+        if "file" in sections:
+            results["file"] = embed_file_section(args, scratch)
+            print(json.dumps(results["file"]), flush=True)
+
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
+
+
+def embed_file_section(args, scratch: Path) -> dict:
+    """``scfm embed`` on ``args.input`` in a child process; its progress bar goes to this process's stderr."""
+    import h5py
+    from anndata.io import read_elem
+
+    from scfm.data.vocab import Vocabulary
+    from scfm.model import ModelConfig
+    from scfm.model.checkpoint import write_official_style_checkpoint
+
+    if args.input is None or args.input_vocab is None:
+        raise SystemExit("--sections file needs --input and --input-vocab")
+    config = ModelConfig.preset(args.file_preset, n_genes=len(Vocabulary.load(args.input_vocab)))
+    checkpoint = write_official_style_checkpoint(scratch / "file-model.ckpt", config, seed=0, versions=("cell",))
+    out = scratch / "embedded.h5ad"
+    with h5py.File(args.input, "r") as handle:
+        indptr = handle["X/indptr"][:]
+    tokens = np.diff(indptr) + 2
+    cmd = [sys.executable, str(REPO / "bin" / "scfm-embed"), str(args.input), "-o", str(out),
+           "--checkpoint", str(checkpoint), "--vocab", str(args.input_vocab), "--precision", args.file_precision,
+           "--mlflow-uri", f"sqlite:///{scratch / 'mlflow.db'}"]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"scfm embed failed ({os.waitstatus_to_exitcode(status)})")
+    with h5py.File(out, "r") as handle:
+        settings = read_elem(handle["uns/scfm/embed"]) if "uns/scfm/embed" in handle else {}
+        shape = handle["obsm/X_scfm"].shape
+    return {"input": str(args.input), "preset": args.file_preset, "cells": int(len(tokens)), "output_shape": list(shape),
+            "seconds": seconds, "cells_per_s": len(tokens) / seconds, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "input_gib": args.input.stat().st_size / 2**30, "output_gib": out.stat().st_size / 2**30,
+            "tokens_per_cell": {"mean": float(tokens.mean()), "median": float(np.median(tokens))},
+            "precision": str(settings.get("precision")), "precision_reason": str(settings.get("precision_reason"))}
 
 
 def hardware_fractions(result: dict, gemm: dict | None, peak_tflops: float | None) -> dict:

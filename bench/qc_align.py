@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -91,7 +92,8 @@ def _import_heavy_modules() -> None:
     import torch  # noqa: F401
 
 
-def run_scfm(inp: Path, vocab_path: Path, out: Path, chunk_size: int) -> dict:
+def run_scfm(inp: Path, vocab_path: Path, out: Path, chunk_size: int, min_cells: int = 3,
+             shards_dir: Path | None = None) -> dict:
     _import_heavy_modules()
     from scfm.data.align import align_file
     from scfm.data.qc import run_qc
@@ -99,16 +101,23 @@ def run_scfm(inp: Path, vocab_path: Path, out: Path, chunk_size: int) -> dict:
 
     started = time.perf_counter()
     qc_path = out.with_name(out.name + ".qc.h5ad")
-    run_qc(inp, qc_path, sample="bench", min_genes=200, max_pct_mito=20.0, min_cells=3, chunk_size=chunk_size,
-           quiet=True)
+    summary = run_qc(inp, qc_path, sample="bench", min_genes=200, max_pct_mito=20.0, min_cells=min_cells,
+                     chunk_size=chunk_size, quiet=True)
     qc_done = time.perf_counter()
-    coverage = align_file(qc_path, Vocabulary.load(vocab_path), out_h5ad=out, chunk_size=chunk_size, quiet=True)
+    coverage = align_file(qc_path, Vocabulary.load(vocab_path), out_h5ad=out, shards_dir=shards_dir,
+                          chunk_size=chunk_size, quiet=True)
     done = time.perf_counter()
-    return {"seconds": done - started, "qc_seconds": qc_done - started, "align_seconds": done - qc_done,
-            "cells_out": coverage["n_cells"]}
+    result = {"seconds": done - started, "qc_seconds": qc_done - started, "align_seconds": done - qc_done,
+              "cells_out": coverage["n_cells"], "genes_kept": summary["genes_out"],
+              "aligned_h5ad_gib": out.stat().st_size / 2**30}
+    if shards_dir is not None:
+        parts = sorted(shards_dir.glob("*.parquet"))
+        result.update(shards=len(parts), shards_gib=sum(p.stat().st_size for p in parts) / 2**30)
+    return result
 
 
-def run_scanpy(inp: Path, vocab_path: Path, out: Path, chunk_size: int) -> dict:
+def run_scanpy(inp: Path, vocab_path: Path, out: Path, chunk_size: int, min_cells: int = 3,
+               shards_dir: Path | None = None) -> dict:
     _import_heavy_modules()
     import anndata as ad
     import scanpy as sc
@@ -123,7 +132,7 @@ def run_scanpy(inp: Path, vocab_path: Path, out: Path, chunk_size: int) -> dict:
     sc.pp.calculate_qc_metrics(adata, qc_vars=["mt", "ribo"], percent_top=None, log1p=False, inplace=True)
     sc.pp.filter_cells(adata, min_genes=200)
     adata = adata[adata.obs["pct_counts_mt"] <= 20.0].copy()
-    sc.pp.filter_genes(adata, min_cells=3)
+    sc.pp.filter_genes(adata, min_cells=min_cells)
     vocab = Vocabulary.load(vocab_path)
     position = {g: i for i, g in enumerate(vocab.genes)}
     cols = np.array([position.get(g, -1) for g in adata.var_names])
@@ -132,16 +141,19 @@ def run_scanpy(inp: Path, vocab_path: Path, out: Path, chunk_size: int) -> dict:
     aligned = ad.AnnData(X=sp.csr_matrix(adata.X @ reindex, dtype=np.float32), obs=adata.obs,
                          var=adata.var.iloc[:0].reindex(vocab.genes)[[]])
     aligned.write_h5ad(out)
-    return {"seconds": time.perf_counter() - started, "cells_out": int(aligned.n_obs)}
+    return {"seconds": time.perf_counter() - started, "cells_out": int(aligned.n_obs), "genes_kept": int(adata.n_vars)}
 
 
 RUNS = {"scfm": run_scfm, "scanpy": run_scanpy}
 
 
-def measure(kind: str, inp: Path, vocab_path: Path, out: Path, chunk_size: int) -> dict:
+def measure(kind: str, inp: Path, vocab_path: Path, out: Path, chunk_size: int, min_cells: int = 3,
+            shards_dir: Path | None = None) -> dict:
     """Run one kind in a fresh process; its peak RSS comes from wait4 on that child alone."""
     cmd = [sys.executable, __file__, "--worker", kind, "--input", str(inp), "--vocab", str(vocab_path),
-           "--output", str(out), "--chunk-size", str(chunk_size)]
+           "--output", str(out), "--chunk-size", str(chunk_size), "--min-cells", str(min_cells)]
+    if shards_dir is not None:
+        cmd += ["--shards-dir", str(shards_dir)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     report = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -168,16 +180,23 @@ def main() -> None:
     parser.add_argument("--cells", type=int, action="append", help="cells to generate (repeatable; default 200000)")
     parser.add_argument("--chunk-size", type=int, default=10_000)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "scfm_bench_qc_align")
+    parser.add_argument("--min-cells", type=int, default=3,
+                        help="gene filter: keep genes detected in at least this many passing cells (e.g. 5000 to "
+                             "make the filter drop genes, so that the streamed QC's second pass runs)")
     parser.add_argument("--skip-scanpy", action="store_true", help="only the streamed run (for very large sizes)")
     parser.add_argument("--keep", action="store_true", help="keep generated and output files")
+    parser.add_argument("--shards", action="store_true",
+                        help="the scfm run also writes Parquet shards (<workdir>/shards_<cells>, for bench/stream.py)")
     parser.add_argument("--worker", choices=sorted(RUNS), help=argparse.SUPPRESS)
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--shards-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
-        print(json.dumps(RUNS[args.worker](args.input, args.vocab, args.output, args.chunk_size)))
+        print(json.dumps(RUNS[args.worker](args.input, args.vocab, args.output, args.chunk_size, args.min_cells,
+                                           args.shards_dir)))
         return
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -194,19 +213,23 @@ def main() -> None:
         results = {}
         for kind in ["scfm"] + ([] if args.skip_scanpy else ["scanpy"]):
             out = args.workdir / f"{kind}_{n_cells}.aligned.h5ad"
-            results[kind] = measure(kind, inp, vocab_path, out, args.chunk_size)
+            shards = args.workdir / f"shards_{n_cells}" if args.shards and kind == "scfm" else None
+            if shards is not None and shards.exists():
+                shutil.rmtree(shards)
+            results[kind] = measure(kind, inp, vocab_path, out, args.chunk_size, args.min_cells, shards)
             results[kind]["cells_per_s"] = n_cells / results[kind]["seconds"]
             print(f"{n_cells} cells {kind}: {json.dumps(results[kind])}", file=sys.stderr)
             if not args.keep:
                 for leftover in args.workdir.glob(f"{kind}_{n_cells}.*"):
                     leftover.unlink()
-        if "scanpy" in results and results["scanpy"]["cells_out"] != results["scfm"]["cells_out"]:
-            raise SystemExit(f"cells kept differ: {results}")
+        if "scanpy" in results and any(results["scanpy"][k] != results["scfm"][k] for k in ("cells_out", "genes_kept")):
+            raise SystemExit(f"cells or genes kept differ: {results}")
         rows.append((n_cells, results))
         if not args.keep:
             inp.unlink()
 
-    print(f"\nMachine: {machine()}; chunk size {args.chunk_size}; {N_GENES} genes, ~{NNZ_PER_CELL} nonzero/cell\n")
+    print(f"\nMachine: {machine()}; chunk size {args.chunk_size}; {N_GENES} genes, ~{NNZ_PER_CELL} nonzero/cell; "
+          f"genes kept in >= {args.min_cells} cells\n")
     print("| cells | run | seconds | cells/s | peak RSS (GiB) | speed vs scanpy | RSS vs scanpy |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for n_cells, results in rows:

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 from scfm.errors import ScfmError
-from scfm.model.precision import choose_precision, cpuinfo_has_native_bf16, min_row_cosine
+from scfm.model.precision import BF16_MIN_ENCODER_DIM, choose_precision, cpuinfo_has_native_bf16, min_row_cosine
 from scfm.tasks.embed import decide_precision
 
 ZEN3_FLAGS = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma bmi2 sha_ni\n"
@@ -40,6 +40,18 @@ def test_auto_on_a_cpu_with_native_bf16_follows_the_measured_cosine():
     assert spoiled.precision == "fp32" and "0.998" in spoiled.reason
 
 
+def test_auto_keeps_fp32_for_an_encoder_too_narrow_for_bf16_to_pay():
+    narrow = choose_precision("auto", "cpu", native_bf16=lambda: True, bf16_cosine=never_called,
+                              encoder_dim=BF16_MIN_ENCODER_DIM // 2)
+    assert narrow.precision == "fp32" and f"{BF16_MIN_ENCODER_DIM // 2}-d encoder" in narrow.reason
+    wide = choose_precision("auto", "cpu", native_bf16=lambda: True, bf16_cosine=lambda: 0.99995,
+                            encoder_dim=BF16_MIN_ENCODER_DIM)
+    assert wide.precision == "bf16"
+    # the rule is about speed on a CPU: an explicit request and CUDA are untouched
+    assert choose_precision("bf16", "cpu", native_bf16=lambda: True, encoder_dim=64).precision == "bf16"
+    assert choose_precision("auto", "cuda", native_bf16=never_called, encoder_dim=64).precision == "bf16"
+
+
 def test_explicit_bf16_warns_only_when_the_cpu_emulates_it():
     emulated = choose_precision("bf16", "cpu", native_bf16=lambda: False, bf16_cosine=never_called)
     assert emulated.precision == "bf16" and "slower than fp32" in emulated.warning
@@ -66,7 +78,9 @@ def test_min_row_cosine_is_the_worst_cell():
 def tiny_model_and_cells():
     from scfm.model import ModelConfig, XTrimoGene
 
-    model = XTrimoGene(ModelConfig.preset("tiny", n_genes=300), seed=0).eval()
+    # as wide as an encoder gets before the width rule keeps fp32, so that the cosine check runs
+    config = ModelConfig.preset("tiny", n_genes=300).replace(encoder_dim=BF16_MIN_ENCODER_DIM)
+    model = XTrimoGene(config, seed=0).eval()
     rng = np.random.default_rng(0)
     cells = sp.random(20, 300, density=0.2, format="csr", random_state=rng, dtype=np.float32)
     cells.data = np.ceil(cells.data * 10).astype(np.float32)
@@ -81,3 +95,24 @@ def test_decide_precision_measures_the_real_model_when_the_cpu_has_native_bf16(t
     assert (native.precision == "bf16") == (measured >= 0.999)
     emulated = decide_precision(model, cells, "auto", "cpu", native_bf16=lambda: False)
     assert emulated.precision == "fp32" and "no native bf16" in emulated.reason
+
+
+def test_decide_precision_keeps_the_tiny_preset_in_fp32_on_any_cpu(tiny_model_and_cells):
+    from scfm.model import ModelConfig, XTrimoGene
+
+    _, cells = tiny_model_and_cells
+    tiny = XTrimoGene(ModelConfig.preset("tiny", n_genes=300), seed=0).eval()
+    choice = decide_precision(tiny, cells, "auto", "cpu", native_bf16=lambda: True)
+    assert choice.precision == "fp32" and "64-d encoder" in choice.reason
+
+
+def test_resumed_training_on_auto_keeps_the_checkpoints_precision():
+    from scfm.train.pretrain import training_precision
+
+    recorded = {"precision": "bf16", "precision_reason": "auto on CPU: native bf16, min per-cell cosine ..."}
+    kept = training_precision("auto", "cpu", False, never_called, 768, resumed=recorded)
+    assert kept.precision == "bf16" and kept.reason.startswith("auto, resumed")
+    # an explicit request is a new decision
+    assert training_precision("fp32", "cpu", False, never_called, 768, resumed=recorded).precision == "fp32"
+    fresh = training_precision("auto", "cpu", False, never_called, 64, resumed=None)
+    assert fresh.precision == "fp32"

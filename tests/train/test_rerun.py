@@ -112,6 +112,11 @@ def test_the_rerun_continues_exactly_past_a_checkpoint_killed_mid_save(train_dat
     assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
     assert runs[0].data.tags["scfm.preempted_after_step"] == str(stopped_at)
     assert runs[1].data.params["resumed_from_step"] == str(stopped_at)
+    # --precision auto: the resumed run computes in the precision the checkpoint recorded, not a new decision
+    record = json.loads((checkpoints / f"step_{stopped_at:06d}" / "scfm_checkpoint.json").read_text())
+    assert record["precision"]["precision"] == runs[0].data.params["resolved_precision"]
+    assert runs[1].data.params["resolved_precision"] == runs[0].data.params["resolved_precision"]
+    assert runs[1].data.params["precision_reason"].startswith("auto, resumed: the checkpoint's choice")
 
 
 @pytest.mark.parametrize(("flag", "value", "named"), [

@@ -34,9 +34,10 @@ from scfm.cli.common import check_outputs, fraction, step_options
               help="Cells per batch (default: cell output 4 on CPU, 64 on CUDA; decoder outputs 2).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="auto: bf16 on CUDA; on a CPU with native bf16 (AVX-512 BF16, AMX) bf16 when the first cells "
-                   "keep per-cell cosine >= 0.999 to fp32, else fp32. bf16 on a CPU without it is emulated "
-                   "and slower than fp32. The choice and its reason go to uns['scfm']['embed'].")
+              help="auto: bf16 on CUDA; on a CPU with native bf16 (AVX-512 BF16, AMX) bf16 when the encoder is at "
+                   "least 128 wide and the first cells keep per-cell cosine >= 0.999 to fp32, else fp32. bf16 on a "
+                   "CPU without it is emulated and slower than fp32. The choice and its reason go to "
+                   "uns['scfm']['embed'].")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Cells read from disk at a time (bounds memory).")
 @click.option("--min-coverage", type=fraction(), default=0.3, show_default=True,

@@ -73,8 +73,9 @@ from scfm.cli.common import fraction, non_negative, positive, step_options
 @click.option("--downsample-min-total", type=non_negative(), default=1000.0, show_default=True,
               help="Cells with fewer counts are never thinned.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="auto: bf16 on CUDA; on a CPU with native bf16 (AVX-512 BF16, AMX) bf16 autocast when the first "
-                   "batch's predictions keep per-cell cosine >= 0.999 to fp32, else fp32.")
+              help="auto: bf16 on CUDA; on a CPU with native bf16 (AVX-512 BF16, AMX) bf16 autocast when the encoder "
+                   "is at least 128 wide and the first batch's predictions keep per-cell cosine >= 0.999 to fp32, "
+                   "else fp32; a resumed run keeps its checkpoint's choice.")
 @step_options
 def pretrain_command(shards, out_dir, mask_ratio, zero_mask_ratio, mask_token_prob, random_token_prob,
                      downsample_prob, downsample_beta, downsample_min_total, mlflow_uri, seed, quiet, **options):
@@ -143,8 +144,9 @@ def pretrain_command(shards, out_dir, mask_ratio, zero_mask_ratio, mask_token_pr
 @click.option("--val-size", type=fraction(open_low=True, open_high=True), default=0.1, show_default=True)
 @click.option("--pool", type=click.Choice(["all", "max"]), default="all", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="Encoder precision on a CPU: auto picks bf16 autocast where the CPU has native bf16 and the "
-                   "first cells' embeddings keep per-cell cosine >= 0.999 to fp32, else fp32.")
+              help="Encoder precision on a CPU: auto picks bf16 autocast where the CPU has native bf16, the encoder "
+                   "is at least 128 wide and the first cells' embeddings keep per-cell cosine >= 0.999 to fp32, "
+                   "else fp32.")
 @click.option("--min-cells-per-class", type=click.IntRange(min=1), default=5, show_default=True,
               help="Classes with fewer labelled cells are left out (and listed in metrics.json).")
 @step_options

@@ -117,8 +117,10 @@ class ShardWriter:
 
     # ---------------------------------------------------------------- input
     def write(self, cell_ids: Sequence[str], csr: sp.spmatrix, obs_df: pd.DataFrame | None = None) -> None:
-        csr = sp.csr_matrix(csr, dtype=np.float32, copy=True)
-        csr.sum_duplicates()  # canonical: ascending gene ids, one entry per gene
+        csr = sp.csr_matrix(csr, dtype=np.float32)
+        if not csr.has_canonical_format:  # ascending gene ids, one entry per gene; never edit the caller's matrix
+            csr = csr.copy()
+            csr.sum_duplicates()
         if csr.shape[1] != len(self.vocab):
             raise ValueError(f"matrix has {csr.shape[1]} genes, the vocabulary {len(self.vocab)}")
         if len(cell_ids) != csr.shape[0]:
@@ -134,11 +136,12 @@ class ShardWriter:
         self._flush(final=False)
 
     def _to_table(self, cell_ids, csr: sp.csr_matrix, obs_df) -> pa.Table:
-        offsets = pa.array(csr.indptr.astype(np.int32))
+        # no copies where the dtypes already fit: a block of 10,000 cells is tens of MB per array
+        offsets = pa.array(csr.indptr.astype(np.int32, copy=False))
         columns = {
             "cell_id": pa.array([str(c) for c in cell_ids], type=pa.string()),
-            "gene_ids": pa.ListArray.from_arrays(offsets, pa.array(csr.indices.astype(np.int32))),
-            "counts": pa.ListArray.from_arrays(offsets, pa.array(csr.data.astype(np.float32))),
+            "gene_ids": pa.ListArray.from_arrays(offsets, pa.array(csr.indices.astype(np.int32, copy=False))),
+            "counts": pa.ListArray.from_arrays(offsets, pa.array(csr.data.astype(np.float32, copy=False))),
             "total_counts": pa.array(np.asarray(csr.sum(axis=1)).ravel().astype(np.float32)),
         }
         for name in self.obs_columns:

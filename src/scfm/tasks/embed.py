@@ -17,7 +17,8 @@ the results are written back in input order (into ``out`` when given: an array, 
 dataset, so that memory does not grow with the number of cells). No dense cells x genes table is
 built for the encoder. Precision ``auto`` is bf16 autocast on CUDA; on a CPU it is bf16 only where
 the CPU has native bf16 and a check on the input's first cells keeps every per-cell cosine to fp32 at
-or above 0.999, fp32 otherwise (:mod:`scfm.model.precision`; :func:`decide_precision` says which and why).
+or above 0.999, and the encoder is wide enough for bf16 to pay; fp32 otherwise
+(:mod:`scfm.model.precision`; :func:`decide_precision` says which and why).
 """
 
 from __future__ import annotations
@@ -73,27 +74,29 @@ def decide_precision(model, counts, precision: str = "auto", device: str = "auto
                      input_type: str = "singlecell", native_bf16=cpu_native_bf16) -> PrecisionChoice:
     """The precision a pass over ``counts`` runs in, and why; ``output``: cell | expression | genes.
 
-    On a CPU with native bf16 (``native_bf16()``), ``auto`` runs the first few cells in fp32 and in bf16
-    and keeps bf16 when every per-cell cosine reaches 0.999. An explicit ``bf16`` on a CPU without
-    native bf16 prints a one-line warning.
+    On a CPU with native bf16 (``native_bf16()``) and an encoder wide enough for bf16 to pay, ``auto``
+    runs the first few cells in fp32 and in bf16 and keeps bf16 when every per-cell cosine reaches
+    0.999. An explicit ``bf16`` on a CPU without native bf16 prints a one-line warning.
     """
     dev = resolve_device(device)
+    n = min(PROBE_CELLS[output], counts.shape[0])
 
-    def measured_cosine() -> float:
-        n = min(PROBE_CELLS[output], counts.shape[0])
-        if n == 0:
-            return 1.0  # nothing to run, nothing to lose
+    def run(precision: str) -> np.ndarray:
         sample = _row_block(counts, 0, n)
         common = dict(totals=None if totals is None else np.asarray(totals)[:n], target_depth=target_depth,
-                      pre_normalized=pre_normalized, input_type=input_type, device=str(dev), batch_size=n)
+                      pre_normalized=pre_normalized, input_type=input_type, device=str(dev), batch_size=n,
+                      precision=precision)
         if output == "cell":
-            runs = [embed_cells(model, sample, pool=pool, precision=p, **common) for p in ("fp32", "bf16")]
-        else:
-            runs = [_decoder_pass(model, sample, output, precision=p, progress=None, chunk_size=n, out=None, **common)
-                    for p in ("fp32", "bf16")]
-        return min_row_cosine(*runs)
+            return embed_cells(model, sample, pool=pool, **common)
+        return _decoder_pass(model, sample, output, progress=None, chunk_size=n, out=None, **common)
 
-    return announce(choose_precision(precision, dev.type, native_bf16=native_bf16, bf16_cosine=measured_cosine))
+    def measured_cosine() -> float:
+        if n == 0:
+            return 1.0  # nothing to run, nothing to lose
+        return min_row_cosine(run("fp32"), run("bf16"))
+
+    return announce(choose_precision(precision, dev.type, native_bf16=native_bf16, bf16_cosine=measured_cosine,
+                                     encoder_dim=_unwrap(model).config.encoder_dim))
 
 
 def _autocast(device: torch.device, precision: str):

@@ -531,7 +531,7 @@ def finetune(settings: FinetuneSettings) -> dict:
 
     features = EncoderFeatures(model, cells.counts, settings.pool)
     precision = announce(choose_precision(settings.precision, "cpu", native_bf16=cpu_native_bf16,
-                                          bf16_cosine=features.bf16_cosine))
+                                          bf16_cosine=features.bf16_cosine, encoder_dim=model.config.encoder_dim))
     features.bf16 = precision.precision == "bf16"
 
     out_dir = Path(settings.out_dir)

@@ -194,6 +194,11 @@ def _cpu_autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
+def _predictions(model, inputs, bf16: bool) -> torch.Tensor:
+    with torch.no_grad(), _cpu_autocast(bf16):
+        return model(inputs).float()
+
+
 def bf16_prediction_cosine(model, batch: Batch, device) -> float:
     """Worst per-cell cosine between the fp32 and the CPU-bf16 predictions of one batch (no update)."""
     from scfm.model.precision import min_row_cosine
@@ -202,24 +207,30 @@ def bf16_prediction_cosine(model, batch: Batch, device) -> float:
     was_training = model.training
     model.eval()  # no dropout: the two passes differ only by precision
     try:
-        with torch.no_grad():
-            fp32 = model(inputs).float()
-            with _cpu_autocast(True):
-                bf16 = model(inputs).float()
+        fp32, bf16 = _predictions(model, inputs, False), _predictions(model, inputs, True)
     finally:
         model.train(was_training)
     return min_row_cosine(fp32.cpu().numpy(), bf16.cpu().numpy())
 
 
-def training_precision(requested: str, device_type: str, deepspeed_bf16: bool, bf16_cosine):
-    """The precision of a training run: DeepSpeed's bf16 on CUDA, bf16 autocast on a CPU that has it."""
+def training_precision(requested: str, device_type: str, deepspeed_bf16: bool, bf16_cosine,
+                       encoder_dim: int | None = None, resumed: dict | None = None):
+    """The precision of a training run: DeepSpeed's bf16 on CUDA, bf16 autocast on a CPU that has it.
+
+    ``resumed``: the choice recorded in the checkpoint this run continues; ``auto`` keeps it, so that a
+    resumed run computes in the precision it started with.
+    """
     from scfm.model.precision import PrecisionChoice, announce, choose_precision, cpu_native_bf16
 
     if device_type == "cuda":
         precision = "bf16" if deepspeed_bf16 else "fp32"
         how = "DeepSpeed bf16" if deepspeed_bf16 else "fp32"
         return PrecisionChoice(precision, f"{requested} on CUDA: {how}")
-    return announce(choose_precision(requested, device_type, native_bf16=cpu_native_bf16, bf16_cosine=bf16_cosine))
+    if requested == "auto" and resumed and resumed.get("precision") in ("fp32", "bf16"):
+        return PrecisionChoice(resumed["precision"],
+                               f"auto, resumed: the checkpoint's choice ({resumed.get('precision_reason')})")
+    return announce(choose_precision(requested, device_type, native_bf16=cpu_native_bf16, bf16_cosine=bf16_cosine,
+                                     encoder_dim=encoder_dim))
 
 
 def model_config(model):
@@ -392,7 +403,7 @@ def _unmarked_latest(checkpoint_dir: Path) -> str | None:
 
 
 def save_training_state(engine, checkpoint_dir: Path, step: int, micro_step: int, dataset, rank: int,
-                        keep: int, math: dict) -> str:
+                        keep: int, math: dict, precision: dict | None = None) -> str:
     """Every rank's part, a barrier, then rank 0 marks the checkpoint complete and moves ``latest``."""
     tag = checkpoint_tag(step)
     if rank == 0 and (checkpoint_dir / tag).exists():
@@ -413,7 +424,7 @@ def save_training_state(engine, checkpoint_dir: Path, step: int, micro_step: int
                            save_latest=False)
     torch.distributed.barrier()  # every rank's files are on disk
     if rank == 0:
-        record = {"step": step, "micro_step": micro_step, "math": math}
+        record = {"step": step, "micro_step": micro_step, "math": math, "precision": precision}
         with atomic_output(checkpoint_dir / tag / COMPLETE_MARKER) as tmp:
             tmp.write_text(json.dumps(record, indent=1) + "\n")
         with atomic_output(checkpoint_dir / "latest") as tmp:
@@ -644,8 +655,9 @@ def pretrain(settings: PretrainSettings) -> dict:
                            step_generator(settings.seed, micro_step, rank), config)
         return _all_reduce_min(bf16_prediction_cosine(engine, batch, engine.device), world_size)
 
+    recorded = read_checkpoint_record(checkpoint_dir, resume_tag).get("precision") if resuming else None
     precision = training_precision(settings.precision, torch.device(engine.device).type, ds_config["bf16"]["enabled"],
-                                   first_batch_cosine)
+                                   first_batch_cosine, config.encoder_dim, resumed=recorded)
     cpu_bf16 = torch.device(engine.device).type != "cuda" and precision.precision == "bf16"
 
     params = {
@@ -695,7 +707,7 @@ def pretrain(settings: PretrainSettings) -> dict:
             stopping = any_rank_stopping(stop, world_size)
             if step % settings.save_every == 0 or step == settings.max_steps or stopping:
                 tag = save_training_state(engine, checkpoint_dir, step, micro_step, dataset, rank,
-                                          settings.keep_checkpoints, math)
+                                          settings.keep_checkpoints, math, precision.as_params())
                 if launch.is_main:
                     write_train_log(log_path, history)
             if stopping and step < settings.max_steps:  # at the last step, finishing is as quick
