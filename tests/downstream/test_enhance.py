@@ -52,6 +52,9 @@ def test_prediction_is_written_as_a_layer(enhanced, tiny_model):
     np.testing.assert_allclose(layer[:16], expected, rtol=1e-4, atol=1e-5)
     assert (result.X != aligned.X).nnz == 0, "the counts are kept as they were"
     assert result.uns["scfm"]["enhance"]["target_depth"] == "t4"
+    # decided once, on the first cells, and recorded with its reason (the tiny preset is too narrow for bf16)
+    settings = result.uns["scfm"]["enhance"]
+    assert settings["precision"] == "fp32" and settings["precision_reason"]
 
 
 def test_evaluation_is_computed_on_real_thinned_cells(enhanced, tiny_model):

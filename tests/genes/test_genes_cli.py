@@ -89,6 +89,7 @@ def test_modules_writes_consistent_outputs(modules_run, pbmc_counts):
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_cells"] == 700 and summary["n_cells_embedded"] == sum(info["groups"]["n_cells"])
+    assert summary["precision"] == "fp32" and summary["precision_reason"]  # decided once, recorded
     assert summary["n_modules"] == table.loc[table.module >= 0, "module"].nunique()
     assert sorted(summary["module_sizes"], key=int) == [str(m) for m in range(summary["n_modules"])]
 

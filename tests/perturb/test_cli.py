@@ -119,6 +119,8 @@ def test_train_logs_params_metrics_and_artifacts(trained):
     [run] = client.search_runs([client.get_experiment_by_name("scfm").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["scfm.step"] == "perturb_train"
     assert run.data.params["perturbation_key"] == "guide" and run.data.params["folds"] == "3"
+    # learned gene features: no model ran, so no precision was decided
+    assert run.data.params["precision"] == "auto" and "resolved_precision" not in run.data.params
     evaluation = json.loads((trained / "evaluation.json").read_text())
     assert run.data.metrics["linear.mse"] == pytest.approx(evaluation["summary"]["linear"]["mse"])
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 20

@@ -77,6 +77,8 @@ def test_prediction_file_layout(held_out_guide):
     first = top[top["perturbation"] == f"{PLANTED}_g2"].sort_values("rank")
     assert len(first) == 20 and first["gene"].iloc[0] == GENES[int(np.argmax(np.abs(observed)))]
     assert predicted.uns["scfm"]["perturb"]["gene_features"] == "scfm"
+    trained = json.loads((root / "predictor" / "predictor.json").read_text())["settings"]
+    assert trained["precision"] == "fp32" and trained["precision_reason"]  # decided once for the tiny model
 
 
 def test_unseen_combination_is_predicted_from_its_singles(tmp_path):

@@ -71,3 +71,10 @@ def check_outputs(*files, inputs=(), folders=()) -> None:
         first = seen.setdefault(path.resolve(), path)
         if first is not path:
             raise ScfmUsageError(f"two outputs of this step are the same file ({first} and {path})", path)
+
+
+def log_resolved_precision(run, settings: dict) -> None:
+    """The precision a step's model ran in and why, next to the requested ``precision`` param (absent when
+    no model ran, e.g. a gene network from saved gene embeddings)."""
+    if "precision_reason" in settings:
+        run.log_params({"resolved_precision": settings["precision"], "precision_reason": settings["precision_reason"]})

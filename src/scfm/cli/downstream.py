@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from scfm import tracking
-from scfm.cli.common import check_outputs, fraction, step_options
+from scfm.cli.common import check_outputs, fraction, log_resolved_precision, step_options
 from scfm.utils import atomic_output, seed_everything
 
 _existing = click.Path(exists=True, dir_okay=False)
@@ -69,9 +69,12 @@ def annotate(input, output, classifier, reference, label_key, k, min_confidence,
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Cells per decoder pass (the decoder covers every gene: memory grows with it).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="auto: bf16 on CUDA; on a CPU, as for scfm embed. The choice and its reason go to "
+                   "uns['scfm']['enhance'] and MLflow.")
 @step_options
 def enhance(input, output, checkpoint, version, vocab, target_depth, layer, evaluate, thin_fraction, eval_cells,
-            batch_size, device, mlflow_uri, seed, quiet):
+            batch_size, device, precision, mlflow_uri, seed, quiet):
     """Predict every cell of INPUT at a higher read depth (a layer of OUTPUT), with an honest evaluation."""
     from scfm.tasks.enhance import enhance_file
 
@@ -79,14 +82,15 @@ def enhance(input, output, checkpoint, version, vocab, target_depth, layer, eval
     seed_everything(seed)
     params = {"input": input, "checkpoint": checkpoint, "version": version, "target_depth": target_depth,
               "layer": layer, "evaluate": evaluate, "thin_fraction": thin_fraction, "eval_cells": eval_cells,
-              "seed": seed}
+              "precision": precision, "seed": seed}
     uri = tracking.resolve_uri(mlflow_uri, Path(output).parent)
     with tracking.step_run("enhance", uri=uri, params=params) as run:
         settings = enhance_file(
             input, output, checkpoint, version=version, vocab=vocab, target_depth=target_depth, layer=layer,
             evaluate=evaluate, thin_fraction=thin_fraction, eval_cells=eval_cells, batch_size=batch_size,
-            device=device, seed=seed, quiet=quiet,
+            device=device, precision=precision, seed=seed, quiet=quiet,
         )
+        log_resolved_precision(run, settings)
         evaluation = settings.get("evaluation")
         if evaluation:
             run.log_metrics({

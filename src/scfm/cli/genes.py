@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from scfm.cli.common import check_outputs, fraction, positive, step_options
+from scfm.cli.common import check_outputs, fraction, log_resolved_precision, positive, step_options
 
 _GO_DB_HELP = ("Directory with org.Hs.eg.sqlite and GO.sqlite (`make go`); default $SCFM_GO_DIR, else "
                "~/.cache/scfm/go.")
@@ -98,6 +98,7 @@ def modules_command(input_path, output, checkpoint, vocab_path, version, groupby
             device=device, precision=precision, seed=seed, quiet=quiet,
         )
         run.log_metrics(modules_metrics(summary))
+        log_resolved_precision(run, summary)
         for name in ("gene_modules.tsv", "summary.json", "gene_modules.html", "enrichment.tsv", "enrichment.json",
                      "module_scores_by_group.tsv"):
             if (output / name).is_file():
@@ -164,6 +165,7 @@ def network_command(input_path, output, tf_list, checkpoint, vocab_path, version
             device=device, precision=precision, seed=seed, quiet=quiet,
         )
         run.log_metrics({k: summary[k] for k in ("n_genes", "n_tfs", "n_edges", "seconds")})
+        log_resolved_precision(run, summary)
         run.log_dict(summary, "network.json")
         run.log_artifact(output)
     if not quiet:

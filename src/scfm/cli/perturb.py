@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from scfm import tracking
-from scfm.cli.common import FiniteFloat, check_outputs, fraction, non_negative, positive, step_options
+from scfm.cli.common import (FiniteFloat, check_outputs, fraction, log_resolved_precision, non_negative, positive,
+                              step_options)
 from scfm.utils import check_output_path, seed_everything
 
 _existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -140,7 +141,7 @@ def train_command(inputs, output, perturbation_key, control, target_key, combo_s
               "target_key": target_key, "checkpoint": str(checkpoint), "gene_features": gene_features,
               "gene_graphs": [str(p) for p in gene_graphs], "coexpression": coexpression, "folds": folds,
               "min_cells": min_cells, "fit": fit_settings.to_dict(), "hidden_size": hidden_size,
-              "replicates": replicates, "top_k": top_k, "seed": seed}
+              "replicates": replicates, "top_k": top_k, "precision": precision, "seed": seed}
     with tracking.step_run("perturb_train", uri=tracking.resolve_uri(mlflow_uri, output.resolve().parent),
                            params=params) as run:
         options = ScreenOptions(perturbation_key, control, target_key=target_key, separator=combo_separator,
@@ -155,6 +156,7 @@ def train_command(inputs, output, perturbation_key, control, target_key, combo_s
             on_warning=_warn,
         )
         log_train_run(run, summary, output)
+        log_resolved_precision(run, summary["settings"])
     if not quiet:
         click.echo(f"trained on {summary['n_perturbations']} perturbations x {summary['n_genes']} genes: {output}",
                    err=True)

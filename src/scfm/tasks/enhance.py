@@ -58,7 +58,7 @@ def _summary(values: np.ndarray) -> dict:
 
 def evaluate_enhancement(
     model, counts: sp.csr_matrix, *, thin_fraction: float = 0.2, n_cells: int = 200, seed: int = 0,
-    batch_size: int = 4, device: str = "auto", quiet: bool = True,
+    batch_size: int = 4, device: str = "auto", precision: str = "auto", quiet: bool = True,
 ) -> dict:
     """Thin real cells, predict them back at the original depth, and compare with the originals."""
     from scfm.tasks.embed import predict_expression
@@ -78,7 +78,7 @@ def evaluate_enhancement(
     fold = 1.0 / thin_fraction
     with progress(total=original.shape[0], desc="enhance: evaluation", unit="cells", quiet=quiet) as bar:
         predicted = predict_expression(model, thinned, target_depth=f"f{fold:g}", batch_size=batch_size,
-                                       device=device, progress=bar)
+                                       device=device, precision=precision, progress=bar)
     truth = log_cp10k(original)[:, measured]
     model_pearson, model_spearman = per_cell_correlations(predicted[:, measured], truth)
     input_pearson, input_spearman = per_cell_correlations(log_cp10k(thinned)[:, measured], truth)
@@ -134,14 +134,18 @@ def read_aligned(input_path, vocab):
 def enhance_file(
     input_path, output_path, checkpoint, *, version: str = "rde", vocab=None, target_depth: str = "a1",
     layer: str = DEFAULT_LAYER, evaluate: bool = True, thin_fraction: float = 0.2, eval_cells: int = 200,
-    batch_size: int = 8, device: str = "auto", seed: int = 0, quiet: bool = False,
+    batch_size: int = 8, device: str = "auto", precision: str = "auto", seed: int = 0, quiet: bool = False,
 ) -> dict:
-    """Write INPUT + ``layers[layer]`` (predicted log1p CP10k at ``target_depth``); return settings + evaluation."""
+    """Write INPUT + ``layers[layer]`` (predicted log1p CP10k at ``target_depth``); return settings + evaluation.
+
+    The precision is decided once, on the input's first cells (:func:`scfm.tasks.embed.decide_precision`), and
+    recorded with its reason; the evaluation and the prediction both run in it.
+    """
     import h5py
 
     from scfm.model.checkpoint import load_checkpoint
     from scfm.model.inputs import parse_target_depth
-    from scfm.tasks.embed import predict_expression
+    from scfm.tasks.embed import decide_precision, predict_expression
     from scfm.utils import atomic_output, progress
 
     if not 0.0 < thin_fraction < 1.0:
@@ -158,10 +162,13 @@ def enhance_file(
         "target_depth": target_depth, "layer": layer, "scale": "log1p counts per 10k", "n_cells": int(adata.n_obs),
         "vocab_sha256": loaded.vocab.sha256,
     }
+    choice = decide_precision(model, adata.X, precision, device, output="expression", target_depth=target_depth)
+    settings.update(choice.as_params())
+    precision = choice.precision
     if evaluate:
         settings["evaluation"] = evaluate_enhancement(
             model, adata.X, thin_fraction=thin_fraction, n_cells=eval_cells, seed=seed, batch_size=batch_size,
-            device=device, quiet=quiet,
+            device=device, precision=precision, quiet=quiet,
         )
     scfm = dict(adata.uns.get("scfm", {}))
     scfm["enhance"] = settings
@@ -173,7 +180,7 @@ def enhance_file(
             target = dense_layer_dataset(handle, layer, (adata.n_obs, len(loaded.vocab)))
             with progress(total=adata.n_obs, desc="enhance", unit="cells", quiet=quiet) as bar:
                 predict_expression(model, adata.X, target_depth=target_depth, batch_size=batch_size, device=device,
-                                   progress=bar, out=target)
+                                   precision=precision, progress=bar, out=target)
     return settings
 
 

@@ -123,6 +123,7 @@ class GeneEmbeddingResult:
     stats: E.GeneStats
     group_names: list[str]
     sampled: np.ndarray  # row indices of the cells averaged over
+    precision: dict[str, str]  # the precision the decoder ran in and why (PrecisionChoice.as_params)
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ def embed_genes(cells: CellsInput, model, options: EmbeddingOptions, *, codes: n
 
     ``restrict``: a boolean mask of the cells allowed in the average (all by default).
     """
+    from scfm.tasks.embed import decide_precision
     from scfm.utils import progress
 
     if stats is None:
@@ -156,13 +158,16 @@ def embed_genes(cells: CellsInput, model, options: EmbeddingOptions, *, codes: n
     eligible = np.ones(len(codes), dtype=bool) if restrict is None else restrict
     sampled = np.flatnonzero(eligible)[E.sample_cells(codes[eligible], options.max_cells_per_group,
                                                       seed=options.seed)]
+    chosen = E.RowSubset(cells.rows, sampled)
+    choice = decide_precision(model, chosen, options.precision, options.device, output="genes",
+                              target_depth=options.target_depth)
     with progress(total=len(sampled), desc="gene embeddings", unit="cells", quiet=quiet) as bar:
-        means = E.mean_gene_embeddings(model, E.RowSubset(cells.rows, sampled), genes, groups=codes[sampled],
+        means = E.mean_gene_embeddings(model, chosen, genes, groups=codes[sampled],
                                        n_groups=len(group_names), target_depth=options.target_depth,
                                        batch_size=options.batch_size, device=options.device,
-                                       precision=options.precision, progress=bar)
+                                       precision=choice.precision, progress=bar)
     names = [cells.genes[g] for g in genes]
-    return GeneEmbeddingResult(names, means, stats, group_names, sampled)
+    return GeneEmbeddingResult(names, means, stats, group_names, sampled, choice.as_params())
 
 
 def gene_stats(cells: CellsInput, *, quiet: bool) -> E.GeneStats:
@@ -346,6 +351,7 @@ def gene_modules_file(
             "module_sizes": {str(m): int(len(g)) for m, g in found.members().items()},
             "hub_genes": {str(m): [result.names[i] for i in g[:10]] for m, g in found.members().items()},
             "target_depth": target_depth, "seed": seed, "embedding": "decoder gene context, mean over cells",
+            **result.precision,
         }
         out.mkdir()
         (out / "plots").mkdir()
@@ -454,10 +460,10 @@ def gene_network_file(
         if group is not None and groupby is None:
             raise ScfmUsageError("--group needs --groupby with a cells h5ad")
         options = EmbeddingOptions(min_cells, max_cells_per_group, target_depth, batch_size, device, precision, seed)
-        names, vectors, present = _network_embeddings(input_path, checkpoint, version, vocab, tfs, tf_list, options,
-                                                      groupby=groupby, group=group, quiet=quiet,
-                                                      scratch_dir=Path(output_path).parent)
-        source = {"cells": str(input_path), "checkpoint": str(checkpoint)}
+        names, vectors, present, precision = _network_embeddings(
+            input_path, checkpoint, version, vocab, tfs, tf_list, options, groupby=groupby, group=group, quiet=quiet,
+            scratch_dir=Path(output_path).parent)
+        source = {"cells": str(input_path), "checkpoint": str(checkpoint), **precision}
     scores = tf_target_scores(vectors, present)
     table = edge_table(names, present, scores, top_targets=top_targets, style=style)
     with atomic_output(output_path) as tmp:
@@ -497,4 +503,4 @@ def _network_embeddings(input_path, checkpoint, version, vocab, tfs, tf_list, op
         _check_tfs(present, tfs, names, tf_list)
         result = embed_genes(cells, loaded.model, options, codes=np.full(len(codes), -1), group_names=[],
                              quiet=quiet, stats=stats, restrict=restrict)
-    return result.names, result.means.overall, present
+    return result.names, result.means.overall, present, result.precision

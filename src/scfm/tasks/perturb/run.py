@@ -223,6 +223,12 @@ def train_file(
         "hidden": hidden, "fit": fit_settings.to_dict(), "n_replicates": n_replicates, "folds": folds,
         "top_k": top_k, "ridge": ridge, "seed": seed, "version": version, "scfm_version": __version__, **provenance,
     }
+    if gene_feature_kind == "scfm":  # decided once and recorded, as every step that runs the model
+        from scfm.tasks.embed import decide_precision
+
+        choice = decide_precision(loaded.model, screen.control_counts, precision, device, output="genes")
+        settings.update(choice.as_params())
+        precision = choice.precision
     features = gene_features(gene_feature_kind, screen, loaded=loaded, max_cells=control_cells, dim=random_dim,
                              seed=seed, batch_size=embed_batch_size, device=device, precision=precision, quiet=quiet)
     n_fits = (folds if folds else 0) + 1
