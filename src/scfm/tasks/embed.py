@@ -79,21 +79,20 @@ def decide_precision(model, counts, precision: str = "auto", device: str = "auto
     0.999. An explicit ``bf16`` on a CPU without native bf16 prints a one-line warning.
     """
     dev = resolve_device(device)
-    n = min(PROBE_CELLS[output], counts.shape[0])
-
-    def run(precision: str) -> np.ndarray:
-        sample = _row_block(counts, 0, n)
-        common = dict(totals=None if totals is None else np.asarray(totals)[:n], target_depth=target_depth,
-                      pre_normalized=pre_normalized, input_type=input_type, device=str(dev), batch_size=n,
-                      precision=precision)
-        if output == "cell":
-            return embed_cells(model, sample, pool=pool, **common)
-        return _decoder_pass(model, sample, output, progress=None, chunk_size=n, out=None, **common)
 
     def measured_cosine() -> float:
+        n = min(PROBE_CELLS[output], counts.shape[0])
         if n == 0:
             return 1.0  # nothing to run, nothing to lose
-        return min_row_cosine(run("fp32"), run("bf16"))
+        sample = _row_block(counts, 0, n)
+        common = dict(totals=None if totals is None else np.asarray(totals)[:n], target_depth=target_depth,
+                      pre_normalized=pre_normalized, input_type=input_type, device=str(dev), batch_size=n)
+        if output == "cell":
+            runs = [embed_cells(model, sample, pool=pool, precision=p, **common) for p in ("fp32", "bf16")]
+        else:
+            runs = [_decoder_pass(model, sample, output, precision=p, progress=None, chunk_size=n, out=None, **common)
+                    for p in ("fp32", "bf16")]
+        return min_row_cosine(*runs)
 
     return announce(choose_precision(precision, dev.type, native_bf16=native_bf16, bf16_cosine=measured_cosine,
                                      encoder_dim=_unwrap(model).config.encoder_dim))

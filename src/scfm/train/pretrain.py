@@ -194,11 +194,6 @@ def _cpu_autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
-def _predictions(model, inputs, bf16: bool) -> torch.Tensor:
-    with torch.no_grad(), _cpu_autocast(bf16):
-        return model(inputs).float()
-
-
 def bf16_prediction_cosine(model, batch: Batch, device) -> float:
     """Worst per-cell cosine between the fp32 and the CPU-bf16 predictions of one batch (no update)."""
     from scfm.model.precision import min_row_cosine
@@ -207,7 +202,10 @@ def bf16_prediction_cosine(model, batch: Batch, device) -> float:
     was_training = model.training
     model.eval()  # no dropout: the two passes differ only by precision
     try:
-        fp32, bf16 = _predictions(model, inputs, False), _predictions(model, inputs, True)
+        with torch.no_grad():
+            fp32 = model(inputs).float()
+            with _cpu_autocast(True):
+                bf16 = model(inputs).float()
     finally:
         model.train(was_training)
     return min_row_cosine(fp32.cpu().numpy(), bf16.cpu().numpy())
